@@ -1,0 +1,164 @@
+"""Every config group and preset composes and validates; bad values fail with their message."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+
+from workbench.config import ConfigError, compose, conf_dir, config_hash, flatten, to_dict
+
+GROUPS = ["env", "agent", "noise", "schedule", "tracking"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override", [f"{g}={o}" for g in GROUPS for o in _options(g)], ids=lambda s: s
+)
+def test_every_group_option_composes_and_validates(override):
+    cfg = compose([override])
+    group, option = override.split("=")
+    if group == "env":
+        assert cfg.env.name == option
+    if group == "agent":
+        assert cfg.agent.name == option
+
+
+@pytest.mark.parametrize("preset", _options("experiment"))
+def test_every_experiment_preset_composes_and_validates(preset):
+    cfg = compose([f"+experiment={preset}"])
+    env_name, agent_name = preset.rsplit("_", 1)
+    assert cfg.env.name == env_name
+    assert cfg.agent.name == agent_name
+    assert cfg.agent.gamma == 0.98
+    assert cfg.agent.actor_hidden == [400, 300]
+
+
+def test_required_presets_exist():
+    required = {"pendulum_ddpg", "halfcheetah_ddpg", "halfcheetah_td3", "hopper_td3"}
+    assert required | {"humanoid_flagrun_td3"} <= set(_options("experiment"))
+
+
+def test_pybullet_presets_start_from_rl_zoo_values():
+    cfg = compose(["+experiment=halfcheetah_td3"])
+    a = cfg.agent
+    assert (a.gamma, a.buffer_size, a.learning_starts, a.batch_size) == (0.98, 200_000, 10_000, 256)
+    assert (a.actor_lr, a.critic_lr) == (7e-4, 7e-4)
+    assert (cfg.noise.kind, cfg.noise.sigma) == ("gaussian", 0.1)
+    assert (a.n_critics, a.policy_delay, a.target_policy_noise) == (2, 2, 0.2)
+    p = compose(["+experiment=pendulum_ddpg"])
+    assert (p.total_steps, p.agent.gamma, p.agent.actor_lr) == (20_000, 0.98, 1e-3)
+
+
+def test_td3_is_ddpg_plus_toggles():
+    ddpg, td3 = compose(["agent=ddpg", "env=hopper"]), compose(["agent=td3", "env=hopper"])
+    diff = {k for k, v in flatten(to_dict(td3)).items() if flatten(to_dict(ddpg))[k] != v}
+    toggles = {"agent.n_critics", "agent.policy_delay", "agent.target_policy_noise"}
+    assert diff == {"agent.name", *toggles}
+
+
+def test_issue_example_composes():
+    cfg = compose(["env=halfcheetah", "agent=td3", "noise=ou", "agent.tau=0.01"])
+    assert cfg.env.id == "HalfCheetahBulletEnv-v0"
+    assert (cfg.agent.tau, cfg.noise.kind, cfg.agent.n_critics) == (0.01, "ou", 2)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["agent.tau=0"], "agent.tau=0.0: must be in (0.0, 1.0]"),
+        (["agent.tau=1.5"], "agent.tau=1.5: must be in (0.0, 1.0]"),
+        (["agent.actor_lr=0"], "agent.actor_lr=0.0: must be > 0"),
+        (["agent.critic_lr=-1e-3"], "agent.critic_lr=-0.001: must be > 0"),
+        (["agent.gamma=0"], "agent.gamma=0.0: must be in (0.0, 1.0]"),
+        (["agent.gamma=1.01"], "agent.gamma=1.01: must be in (0.0, 1.0]"),
+        (
+            ["agent.batch_size=512", "agent.buffer_size=100"],
+            "agent.batch_size=512: must not exceed agent.buffer_size (100)",
+        ),
+        (["env.id=HalfCheetahBullet-v0"], "did you mean HalfCheetahBulletEnv-v0"),
+        (["noise.kind=pink"], "noise.kind='pink': must be one of gaussian, ou, param, none"),
+        (["agent.n_critics=3"], "agent.n_critics=3: must be 1 or 2"),
+        (["agent.activation=swish"], "agent.activation='swish': must be one of"),
+        (["epsilon.start=1.5"], "epsilon.start=1.5: must be in [0.0, 1.0]"),
+        (["schedule=linear", "schedule.end=null"], "a linear schedule needs an end value"),
+        (["schedule=exponential", "schedule.end=0"], "needs an end value > 0"),
+        (["schedule=linear", "schedule.duration=0"], "schedule.duration=0.0: must be in (0.0"),
+        (["noise=ou", "noise.theta=0"], "noise.theta=0.0: must be > 0"),
+        (["noise=param", "noise.adaptation_coef=0.9"], "noise.adaptation_coef=0.9: must be > 1"),
+        (["total_steps=0"], "total_steps=0: must be an integer >= 1"),
+        (["device=tpu"], "device='tpu': must be auto, cpu, cuda or cuda:N"),
+        (["env.n_envs=0"], "env.n_envs=0: must be an integer >= 1"),
+        (["env.vectorization=threads"], "env.vectorization='threads': must be one of sync, async"),
+        (["agent.actor_hidden=[]"], "agent.actor_hidden=[]: must be a non-empty list"),
+        (["agent.tau=nan"], "agent.tau=nan: must be a finite number"),
+    ],
+)
+def test_invalid_values_are_rejected_with_key_value_and_rule(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["+agent.taux=0.1", "+noise.sigmaa=0.2", "+lr=0.1"])
+def test_keys_added_with_plus_are_still_unknown(override):
+    key = override[1:].split("=")[0]
+    with pytest.raises(ConfigError, match=f"{key}: unknown key; allowed keys here"):
+        compose([override])
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        compose(["agent.tau=0", "agent.gamma=2", "agent.actor_lr=0"])
+    assert len(err.value.problems) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "exc", "message"),
+    [
+        (["agent.taux=0.1"], ConfigCompositionException, "agent.taux"),
+        (["agent.tau=fast"], ConfigCompositionException, "agent.tau=fast"),
+        (["agent.batch_size=1.5"], ConfigCompositionException, "agent.batch_size"),
+        (["env=nope"], MissingConfigException, "env/nope"),
+    ],
+)
+def test_unknown_keys_and_wrong_types_fail_at_compose(overrides, exc, message):
+    with pytest.raises(exc) as err:
+        compose(overrides, validate_config=False)
+    assert message in str(err.value)
+
+
+def test_config_hash_ignores_seed_and_tracking_only():
+    base = compose([])
+    assert config_hash(base) == config_hash(compose(["seed=7", "tracking.experiment=x"]))
+    assert config_hash(base) != config_hash(compose(["agent.tau=0.01"]))
+
+
+def _cli(args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "workbench.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["train", "agent.tau=2"], "agent.tau=2.0: must be in (0.0, 1.0]"),
+        (["train", "agent.taux=2"], "agent.taux"),
+        (["train", "env.id=NoSuchEnv-v9"], "env.id='NoSuchEnv-v9'"),
+        (["train", "agent.batch_size=64", "agent.buffer_size=32"], "must not exceed"),
+    ],
+)
+def test_cli_rejects_bad_config_before_any_run_exists(tmp_path: Path, args, message):
+    proc = _cli(args, tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()

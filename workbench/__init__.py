@@ -1,0 +1,1 @@
+"""workbench: DDPG/TD3 research workbench."""

@@ -1,0 +1,947 @@
+"""The one module that talks to MLflow: store location, experiments, runs, metrics, artifacts.
+
+Everything else hands a ``Tracker`` plain ``dict[str, float]`` at an env step. ``MlflowTracker``
+uses ``MlflowClient`` only (the fluent API keeps a thread-local active-run stack, and trials run
+in worker threads and processes), queues metric points that a writer thread sends with
+``log_batch`` (a per-point ``log_metric`` costs ~9 ms on sqlite, and a store outage must not
+stall training), guards the first use of a fresh sqlite db
+with a file lock (concurrent migrations corrupt it, mlflow #4123), probes remote stores before
+starting (MLflow's HTTP retries would otherwise take minutes to give up) and makes sure no run
+is left RUNNING when the process exits.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import getpass
+import logging
+import multiprocessing.util
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from urllib.parse import unquote, urlparse
+
+from filelock import FileLock
+from filelock import Timeout as FileLockTimeout
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from workbench.config import TrackingConfig
+
+__all__ = [
+    "MlflowTracker",
+    "NullTracker",
+    "Tracker",
+    "TrackingError",
+    "download_artifacts",
+    "embedded_uri",
+    "git_info",
+    "make_tracker",
+    "redact",
+    "resolve_uri",
+]
+
+log = logging.getLogger(__name__)
+
+# First use of a fresh db prints "Creating initial MLflow database tables..." and alembic's
+# migration chatter at INFO; none of it is news to the user.
+for _name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+STATUSES = ("FINISHED", "FAILED", "KILLED")
+MAX_PARAMS_PER_BATCH = 100  # MLflow REST limit (also for tags)
+MAX_METRICS_PER_BATCH = 1000  # MLflow REST limit
+MAX_PARAM_LEN = 6000
+MAX_TAG_LEN = 8000
+MAX_REASON_LEN = 5000
+MAX_KEY_LEN = 250
+PROBE_TIMEOUT_S = 5
+LOCK_TIMEOUT_S = 120.0
+EXIT_REASON = "process exited without ending the run"
+REASON_TAG = "workbench.status_reason"
+NOTE_TAG = "mlflow.note.content"
+PARENT_TAG = "mlflow.parentRunId"
+
+
+class TrackingError(RuntimeError):
+    """The tracking store cannot be used; the message says which (redacted) URI and why."""
+
+
+# ----------------------------------------------------------------------------- redaction
+
+_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*):(?P<secret>[^@\s]*)@")
+_SECRET_PARAMS = (
+    "password|passwd|pwd|pass|token|access_token|auth_token|id_token|refresh_token|secret|"
+    "client_secret|api_key|apikey|access_key|secret_key|sig|signature|accountkey|"
+    "x-amz-signature|x-amz-credential|x-amz-security-token"
+)
+_KEY_VALUE = re.compile(
+    rf"(?i)(?<![\w-])(?P<head>(?:{_SECRET_PARAMS})\s*=\s*)(?P<secret>[^&;#\s]+)"
+)
+_SECRET_ENV = re.compile(r"(PASSWORD|PASSWD|TOKEN|SECRET|SECRET_ACCESS_KEY|API_KEY|ACCESS_KEY)$")
+_MIN_SECRET_LEN = 4  # shorter env values would blank out ordinary text
+
+
+def redact(text: str) -> str:
+    """Hide credentials so URIs and config values can be printed and logged as params/tags."""
+    text = _USERINFO.sub(lambda m: f"{m['head']}:***@" if m["secret"] else m[0], text)
+    text = _KEY_VALUE.sub(lambda m: f"{m['head']}***", text)
+    for name, value in os.environ.items():
+        if value and len(value) >= _MIN_SECRET_LEN and _SECRET_ENV.search(name.upper()):
+            text = text.replace(value, "***")
+    return text
+
+
+# ----------------------------------------------------------------------------- store location
+
+
+def embedded_uri(store_dir: str | Path) -> str:
+    """``sqlite:////abs/store_dir/mlflow.db``: absolute, so it means the same from any cwd."""
+    path = Path(store_dir).expanduser().resolve()
+    path.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path / 'mlflow.db'}"
+
+
+def resolve_uri(uri: str | None, store_dir: str | Path) -> str:
+    """The explicit URI, else ``MLFLOW_TRACKING_URI``, else the embedded store in ``store_dir``."""
+    if uri:
+        return uri
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    return env or embedded_uri(store_dir)
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    """The db file of a ``sqlite:`` URI; None for other stores and in-memory dbs."""
+    if not uri.startswith("sqlite:"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    database = make_url(uri).database
+    if not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database).expanduser().resolve()
+
+
+def make_tracker(
+    cfg: TrackingConfig, *, run_name: str, parent_run_id: str | None = None
+) -> Tracker:
+    """The tracker a config asks for; artifacts of a local sqlite store go next to its db."""
+    if cfg.backend == "none":
+        return NullTracker()
+    uri = resolve_uri(cfg.uri, cfg.dir)
+    db = _sqlite_path(uri)
+    return MlflowTracker(
+        uri=uri,
+        experiment=cfg.experiment,
+        run_name=run_name,
+        artifact_root=db.parent / "artifacts" if db is not None else None,
+        parent_run_id=parent_run_id,
+        flush_every_s=cfg.flush_every_s,
+    )
+
+
+# ----------------------------------------------------------------------------- git
+
+
+def _git(args: list[str], cwd: Path) -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout
+
+
+def git_info(path: Path | None = None) -> dict[str, str]:
+    """``git.commit`` and ``git.dirty`` of the code that ran; {} outside a git repository."""
+    candidates = [path] if path is not None else [Path(__file__).resolve().parent, Path.cwd()]
+    for where in candidates:
+        if not where.is_dir():
+            where = where.parent
+        commit = _git(["rev-parse", "HEAD"], where)
+        if not commit:
+            continue
+        status = _git(["status", "--porcelain"], where)
+        return {
+            "git.commit": commit.strip(),
+            "git.dirty": "true" if status is None or status.strip() else "false",
+        }
+    return {}
+
+
+# ----------------------------------------------------------------------------- protocol
+
+
+@runtime_checkable
+class Tracker(Protocol):
+    """What training, tuning and ablation code may ask of a tracker."""
+
+    run_id: str | None
+
+    def start(self, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None: ...
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None: ...
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    def log_figure(self, fig: Figure, artifact_file: str) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, str]) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> None: ...
+
+
+def _check_status(status: str) -> None:
+    if status not in STATUSES:
+        raise ValueError(f"run status {status!r}: must be one of {', '.join(STATUSES)}")
+
+
+_KEY_OK = re.compile(r"^[/\w.\- :]*$")
+
+
+def _check_metric_key(key: str) -> None:
+    """Reject a key MLflow would refuse, here, instead of poisoning the buffer."""
+    norm = os.path.normpath(key) if key else ""
+    if (
+        not isinstance(key, str)
+        or not key
+        or len(key) > MAX_KEY_LEN
+        or not _KEY_OK.match(key)
+        or norm != key
+        or key.startswith(("/", ".."))
+    ):
+        raise ValueError(
+            f"metric key {key!r}: use up to {MAX_KEY_LEN} letters, digits, _ - . : space and "
+            "single / between parts (e.g. 'eval/return_mean')"
+        )
+
+
+def _clean_key(key: str) -> str:
+    """Make a param/tag key acceptable to MLflow (config keys normally already are)."""
+    key = re.sub(r"[^/\w.\- :]", "_", str(key)).strip("/") or "_"
+    return re.sub(r"/+", "/", key)[:MAX_KEY_LEN]
+
+
+def _artifact_name(local_path: Path, artifact_path: str | None) -> str:
+    return f"{artifact_path.strip('/')}/{local_path.name}" if artifact_path else local_path.name
+
+
+# ----------------------------------------------------------------------------- null tracker
+
+
+class NullTracker:
+    """A tracker that keeps everything in memory: for tests and ``tracking=none``."""
+
+    def __init__(self) -> None:
+        self.run_id: str | None = None
+        self.started = False
+        self.params: dict[str, Any] = {}
+        self.tags: dict[str, str] = {}
+        self.metrics: dict[str, list[tuple[int, float]]] = {}
+        self.artifacts: list[str] = []
+        self.texts: dict[str, str] = {}
+        self.status: str | None = None
+        self.reason: str | None = None
+
+    def start(self, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
+        self.started = True
+        self.params.update(params)
+        self.tags.update({k: str(v) for k, v in tags.items()})
+        return None
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        for key, value in metrics.items():
+            _check_metric_key(key)
+            self.metrics.setdefault(key, []).append((int(step), float(value)))
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        path = Path(local_path)
+        if not path.exists():
+            raise FileNotFoundError(path)
+        self.artifacts.append(_artifact_name(path, artifact_path))
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        root = Path(local_dir)
+        if not root.is_dir():
+            raise NotADirectoryError(root)
+        prefix = f"{artifact_path.strip('/')}/" if artifact_path else ""
+        for file in sorted(p for p in root.rglob("*") if p.is_file()):
+            self.artifacts.append(prefix + file.relative_to(root).as_posix())
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.texts[artifact_file] = text
+        self.artifacts.append(artifact_file)
+
+    def log_figure(self, fig: Figure, artifact_file: str) -> None:
+        self.artifacts.append(artifact_file)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        self.tags.update({k: str(v) for k, v in tags.items()})
+
+    def flush(self) -> None:
+        pass
+
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        _check_status(status)
+        if self.status is not None:
+            return
+        self.status, self.reason = status, reason
+        if reason is not None:
+            self.tags[REASON_TAG] = reason[:MAX_REASON_LEN]
+
+
+# ----------------------------------------------------------------------------- probes
+
+
+def _one_line(err: BaseException) -> str:
+    """The useful part of a driver/HTTP error, on one line (no stack trace)."""
+    seen = {id(err)}
+    while True:  # a driver error wrapped by SQLAlchemy/MLflow says it shortest
+        inner = getattr(err, "orig", None) or err.__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            break
+        seen.add(id(inner))
+        err = inner
+    text = str(err) or type(err).__name__
+    for pattern in (
+        r"\[Errno -?\d+\] [^'\"\)\]]+",  # OS-level: connection refused, name not known
+        r"\[SSL[^\]]*\][^()\n]*",  # TLS: certificate verify failed, wrong version
+        r"(?i)connect(?:ion)? timed out|read timed out|timeout expired",
+    ):
+        found = re.search(pattern, text)
+        if found:
+            return found.group(0).strip().rstrip(".,")
+    found = re.search(r"Caused by (\w+)\(", text)
+    if found:
+        return found.group(1)
+    line = " ".join(text.split())
+    return redact(line[:300] + ("..." if len(line) > 300 else ""))
+
+
+def _probe_http(uri: str, experiment: str) -> None:
+    """One request, no retries, short timeout: fail in seconds, not after minutes of backoff."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        resp = http_request(
+            get_default_host_creds(uri),
+            "/api/2.0/mlflow/experiments/get-by-name",
+            "GET",
+            max_retries=0,
+            timeout=PROBE_TIMEOUT_S,
+            raise_on_status=False,
+            params={"experiment_name": experiment or "Default"},
+        )
+    except Exception as err:
+        raise TrackingError(
+            f"cannot reach the MLflow tracking server {redact(uri)}: {_one_line(err)}"
+        ) from None
+    if resp.status_code in (401, 403):
+        raise TrackingError(
+            f"the MLflow tracking server {redact(uri)} refused the credentials "
+            f"(HTTP {resp.status_code}); set MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN"
+        )
+    if resp.status_code == 404 and "error_code" not in resp.text:
+        raise TrackingError(
+            f"{redact(uri)} answers but is not an MLflow tracking server "
+            f"(HTTP 404 for the experiments API); check the host, port and path"
+        )
+    if resp.status_code >= 500:
+        raise TrackingError(
+            f"the MLflow tracking server {redact(uri)} is not answering properly "
+            f"(HTTP {resp.status_code} {resp.reason})"
+        )
+
+
+def _probe_database(uri: str) -> None:
+    """Connect once with a short timeout; MLflow's own engine setup retries for ~100 s."""
+    import sqlalchemy
+
+    connect_args: dict[str, Any] = {}
+    if uri.startswith(("postgresql", "mysql")):
+        connect_args["connect_timeout"] = PROBE_TIMEOUT_S
+    elif uri.startswith("mssql"):
+        connect_args["timeout"] = PROBE_TIMEOUT_S
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
+    except ModuleNotFoundError as err:
+        raise TrackingError(
+            f"cannot open the MLflow database {redact(uri)}: its driver is not installed "
+            f"({err}); e.g. pip install psycopg2-binary for PostgreSQL, pymysql for MySQL"
+        ) from None
+    except Exception as err:
+        raise TrackingError(
+            f"cannot open the MLflow database {redact(uri)}: {_one_line(err)}"
+        ) from None
+    try:
+        with engine.connect():
+            pass
+    except Exception as err:
+        orig = getattr(err, "orig", None) or err
+        raise TrackingError(
+            f"cannot reach the MLflow database {redact(uri)}: {_one_line(orig)}"
+        ) from None
+    finally:
+        engine.dispose()
+
+
+def _probe(uri: str, experiment: str) -> None:
+    scheme = urlparse(uri).scheme.lower()
+    if scheme in ("http", "https"):
+        _probe_http(uri, experiment)
+    elif scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql"):
+        _probe_database(uri)
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str):
+    """Serialize first use of a local sqlite db across processes (migrations race)."""
+    db = _sqlite_path(uri)
+    if db is None:
+        yield
+        return
+    lock = FileLock(str(db) + ".lock", timeout=LOCK_TIMEOUT_S)
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+    except FileLockTimeout:
+        raise TrackingError(
+            f"waited {LOCK_TIMEOUT_S:.0f} s for {lock.lock_file} while opening {redact(uri)}; "
+            "is another process stuck creating the store?"
+        ) from None
+    except OSError as err:
+        raise TrackingError(f"cannot open the MLflow store {redact(uri)}: {err}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _client(uri: str) -> MlflowClient:
+    """An MlflowClient; constructing it opens (and on first use, migrates) the store."""
+    from mlflow.tracking import MlflowClient
+
+    with _store_lock(uri):
+        try:
+            return MlflowClient(tracking_uri=uri)
+        except TrackingError:
+            raise
+        except Exception as err:
+            raise TrackingError(
+                f"cannot open the MLflow store {redact(uri)}: {_one_line(err)}"
+            ) from None
+
+
+# ----------------------------------------------------------------------------- exit hooks
+
+_active: set[MlflowTracker] = set()
+_active_lock = threading.Lock()
+_hooks_pid: int | None = None
+
+
+def _end_abandoned_runs() -> None:
+    """At exit, end as FAILED every run this process started and did not end."""
+    pid = os.getpid()
+    with _active_lock:
+        abandoned = [t for t in _active if t._pid == pid]
+    for tracker in abandoned:
+        try:
+            tracker.end("FAILED", EXIT_REASON)
+        except Exception as err:  # exit must go on
+            log.warning("could not end MLflow run %s at exit: %s", tracker.run_id, err)
+
+
+def _install_exit_hooks() -> None:
+    """atexit covers normal exits; the multiprocessing finalizer covers fork workers, which
+    leave through os._exit and never run atexit handlers."""
+    global _hooks_pid
+    pid = os.getpid()
+    if _hooks_pid == pid:
+        return
+    _hooks_pid = pid
+    atexit.register(_end_abandoned_runs)
+    multiprocessing.util.Finalize(None, _end_abandoned_runs, exitpriority=100)
+
+
+def _dispose_engines_after_fork() -> None:
+    """A forked child must not reuse the parent's pooled sqlite/db connections."""
+    store_mod = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
+    engines = getattr(getattr(store_mod, "SqlAlchemyStore", None), "_engine_map", {})
+    for engine in list(engines.values()):
+        with contextlib.suppress(Exception):
+            engine.dispose(close=False)
+
+
+os.register_at_fork(after_in_child=_dispose_engines_after_fork)
+
+
+# ----------------------------------------------------------------------------- mlflow tracker
+
+
+def _call_bounded(fn: Any, timeout: float) -> str | None:
+    """Run ``fn`` in a daemon thread for at most ``timeout`` s; the error as a line, or None."""
+    errors: list[str] = []
+
+    def target() -> None:
+        try:
+            fn()
+        except Exception as err:
+            errors.append(_one_line(err))
+
+    thread = threading.Thread(target=target, name="mlflow-end", daemon=True)
+    try:
+        thread.start()
+    except RuntimeError:  # no new threads at interpreter shutdown (3.12+): wait it out
+        target()
+        return errors[0] if errors else None
+    thread.join(timeout)
+    if thread.is_alive():
+        return f"no answer within {timeout:.0f} s"
+    return errors[0] if errors else None
+
+
+def _is_permanent(err: Exception) -> bool:
+    """Errors a retry cannot fix (bad value, deleted run): drop the points, don't loop."""
+    code = getattr(err, "error_code", None)
+    return code in ("INVALID_PARAMETER_VALUE", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE")
+
+
+class MlflowTracker:
+    """One MLflow run, written through ``MlflowClient`` with buffered, batched metrics."""
+
+    def __init__(
+        self,
+        *,
+        uri: str,
+        experiment: str,
+        run_name: str | None = None,
+        artifact_root: Path | None = None,
+        parent_run_id: str | None = None,
+        flush_every_s: float = 10.0,
+        max_buffer: int = 1000,
+    ) -> None:
+        if max_buffer < 1:
+            raise ValueError(f"max_buffer={max_buffer}: must be >= 1")
+        self.uri = uri
+        self.experiment = experiment
+        self.run_name = run_name
+        self.artifact_root = Path(artifact_root) if artifact_root is not None else None
+        self.parent_run_id = parent_run_id
+        self.flush_every_s = flush_every_s
+        self.max_buffer = max_buffer
+        # Bound memory while the store is down: keep the newest points, say what was dropped.
+        self.max_pending = max(100 * max_buffer, 100_000)
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._artifact_uri: str | None = None
+        self._client: MlflowClient | None = None
+        # Metric points wait in _pending; a writer thread sends them, so a slow or unreachable
+        # store (MLflow retries HTTP for minutes) never stalls the training loop.
+        self._pending: list[Metric] = []
+        self._cv = threading.Condition()
+        self._queued = 0  # points ever queued
+        self._done = 0  # points written or given up on
+        self._failures = 0  # failed write passes
+        self._flush_requested = False
+        self._stopping = False
+        self._next_try = 0.0  # monotonic time before which a failing store is left alone
+        self._last_flush = time.monotonic()
+        self._failing = False
+        self._writer: threading.Thread | None = None
+        self._ended = False
+        self.end_timeout_s = 60.0
+        self._pid = os.getpid()
+
+    def __repr__(self) -> str:
+        return f"MlflowTracker(uri={redact(self.uri)!r}, run_id={self.run_id!r})"
+
+    # -- lifecycle
+
+    def start(self, *, params: Mapping[str, Any], tags: Mapping[str, str]) -> str | None:
+        """Create the run (and experiment if needed); raise TrackingError fast if unusable."""
+        if self.run_id is not None:
+            raise RuntimeError(f"run {self.run_id} already started")
+        _probe(self.uri, self.experiment)
+        client = _client(self.uri)
+        with _store_lock(self.uri):
+            experiment_id = self._get_or_create_experiment(client)
+
+        all_tags = self._run_tags(tags)
+        first, rest = all_tags[:MAX_PARAMS_PER_BATCH], all_tags[MAX_PARAMS_PER_BATCH:]
+        try:
+            run = client.create_run(experiment_id, run_name=self.run_name, tags=dict(first))
+        except Exception as err:
+            raise TrackingError(
+                f"cannot create a run in experiment {self.experiment!r} at {redact(self.uri)}: "
+                f"{_one_line(err)}"
+            ) from None
+        self._client, self.experiment_id = client, experiment_id
+        self.run_id, self._artifact_uri = run.info.run_id, run.info.artifact_uri
+        self._pid = os.getpid()
+        _install_exit_hooks()
+        with _active_lock:
+            _active.add(self)
+        self._last_flush = time.monotonic()
+        self._writer = threading.Thread(
+            target=self._write_loop, name=f"mlflow-writer-{self.run_id[:8]}", daemon=True
+        )
+        self._writer.start()
+        try:
+            self._log_params_and_tags(params, rest)
+        except Exception as err:
+            reason = f"could not log params/tags: {_one_line(err)}"
+            self.end("FAILED", reason)
+            raise TrackingError(f"run {self.run_id} at {redact(self.uri)}: {reason}") from None
+        return self.run_id
+
+    def _get_or_create_experiment(self, client: MlflowClient) -> str:
+        from mlflow.exceptions import MlflowException
+
+        def lookup() -> str | None:
+            exp = client.get_experiment_by_name(self.experiment)
+            if exp is None:
+                return None
+            if exp.lifecycle_stage != "active":
+                raise TrackingError(
+                    f"experiment {self.experiment!r} in {redact(self.uri)} is deleted: restore "
+                    "it (mlflow experiments restore) or choose another tracking.experiment"
+                )
+            return exp.experiment_id
+
+        try:
+            found = lookup()
+            if found is not None:
+                return found
+            location = None
+            if self.artifact_root is not None:
+                folder = re.sub(r"[^\w.\-]+", "_", self.experiment).strip("._") or "experiment"
+                location = (self.artifact_root.expanduser().resolve() / folder).as_uri()
+            try:
+                return client.create_experiment(self.experiment, artifact_location=location)
+            except MlflowException:
+                found = lookup()  # another process (not sharing our file lock) won the race
+                if found is None:
+                    raise
+                return found
+        except TrackingError:
+            raise
+        except Exception as err:
+            raise TrackingError(
+                f"cannot get or create experiment {self.experiment!r} in {redact(self.uri)}: "
+                f"{_one_line(err)}"
+            ) from None
+
+    def _run_tags(self, tags: Mapping[str, str]) -> list[tuple[str, str]]:
+        merged: dict[str, str] = {
+            "mlflow.source.type": "LOCAL",
+            "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "",
+        }
+        with contextlib.suppress(Exception):
+            merged["mlflow.user"] = getpass.getuser()
+        merged.update({_clean_key(k): redact(str(v))[:MAX_TAG_LEN] for k, v in tags.items()})
+        if "git.commit" in merged:
+            merged.setdefault("mlflow.source.git.commit", merged["git.commit"])
+        if self.parent_run_id:
+            merged[PARENT_TAG] = self.parent_run_id
+        # parent tag first so it is always in the create_run call
+        return sorted(merged.items(), key=lambda kv: kv[0] != PARENT_TAG)
+
+    def _log_params_and_tags(self, params: Mapping[str, Any], tags: list[tuple[str, str]]) -> None:
+        from mlflow.entities import Param, RunTag
+
+        assert self._client is not None and self.run_id is not None
+        cleaned = {_clean_key(k): redact(str(v))[:MAX_PARAM_LEN] for k, v in params.items()}
+        items = [Param(k, v) for k, v in cleaned.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            chunk = items[i : i + MAX_PARAMS_PER_BATCH]
+            self._client.log_batch(self.run_id, params=chunk, synchronous=True)
+        tag_items = [RunTag(k, v) for k, v in tags]
+        for i in range(0, len(tag_items), MAX_PARAMS_PER_BATCH):
+            chunk = tag_items[i : i + MAX_PARAMS_PER_BATCH]
+            self._client.log_batch(self.run_id, tags=chunk, synchronous=True)
+
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+        """Flush, record why, mark the run terminated. Never raises on store errors: it runs
+        in ``finally`` blocks and at exit, where an exception would hide the real one."""
+        _check_status(status)
+        with self._cv:
+            if self._ended or self.run_id is None:
+                return
+            self._ended = self._stopping = True
+            self._cv.notify_all()
+        with _active_lock:
+            _active.discard(self)
+        assert self._client is not None
+        deadline = time.monotonic() + self.end_timeout_s
+        if self._writer is not None:
+            self._writer.join(self.end_timeout_s)
+            if self._writer.is_alive():
+                log.warning(
+                    "gave up waiting %.0f s for metrics of run %s to reach %s",
+                    self.end_timeout_s,
+                    self.run_id,
+                    redact(self.uri),
+                )
+        client, run_id = self._client, self.run_id
+
+        def terminate() -> None:
+            if reason:
+                first = reason.strip().splitlines()[0] if reason.strip() else reason
+                self.set_tags(
+                    {
+                        REASON_TAG: reason[:MAX_REASON_LEN],
+                        NOTE_TAG: f"{status}: {first[:300]}",
+                    }
+                )
+            client.set_terminated(run_id, status)
+
+        # MLflow retries a dead HTTP server for ~4 minutes per call; bound the wait so exit
+        # handlers and failing workers are not held hostage (the attempt goes on meanwhile).
+        err = _call_bounded(terminate, max(10.0, deadline - time.monotonic()))
+        if err is not None:
+            log.warning(
+                "could not mark MLflow run %s %s in %s: %s", run_id, status, redact(self.uri), err
+            )
+
+    # -- metrics
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        """Queue points (no I/O here); the writer sends them once max_buffer points wait or
+        flush_every_s has passed. NaN is logged as NaN; MLflow stores +-inf as +-1.8e308."""
+        from mlflow.entities import Metric
+
+        if self.run_id is None:
+            raise RuntimeError("log_metrics before start()")
+        now_ms = int(time.time() * 1000)
+        step = int(step)
+        points = []
+        for key, value in metrics.items():
+            _check_metric_key(key)
+            points.append(Metric(key, float(value), now_ms, step))
+        with self._cv:
+            if self._ended:
+                log.warning("metrics logged after the run ended are ignored: %s", list(metrics))
+                return
+            was_empty = not self._pending
+            self._pending.extend(points)
+            self._queued += len(points)
+            if was_empty or len(self._pending) >= self.max_buffer:
+                self._cv.notify_all()
+
+    def flush(self, timeout: float | None = 60.0) -> None:
+        """Send the queued points now and wait (up to ``timeout``) for the attempt; on a store
+        error they stay queued for the next try."""
+        with self._cv:
+            if self._writer is None or not self._writer.is_alive():
+                return
+            target, failures = self._queued, self._failures
+            self._flush_requested = True
+            self._cv.notify_all()
+            self._cv.wait_for(
+                lambda: self._done >= target or self._failures > failures, timeout=timeout
+            )
+
+    def _due(self, now: float) -> bool:
+        if not self._pending:
+            return False
+        if self._stopping or self._flush_requested:
+            return True
+        if now < self._next_try:
+            return False
+        full = len(self._pending) >= self.max_buffer
+        return full or now - self._last_flush >= self.flush_every_s
+
+    def _wait_s(self, now: float) -> float | None:
+        if not self._pending:
+            return None  # log_metrics wakes us
+        wake = self._last_flush + self.flush_every_s
+        return max(0.0, max(wake, self._next_try) - now)
+
+    def _write_loop(self) -> None:
+        """The writer thread: send due points in batches, back off while the store fails."""
+        final_attempts = 3
+        backoff = 1.0
+        while True:
+            with self._cv:
+                while not self._due(time.monotonic()) and not (
+                    self._stopping and not self._pending
+                ):
+                    self._cv.wait(self._wait_s(time.monotonic()))
+                if not self._pending:  # stopping with nothing left
+                    return
+                batch, self._pending = self._pending, []
+                self._flush_requested = False
+            sent, dropped, err = self._send(batch)
+            with self._cv:
+                self._done += sent + dropped
+                self._last_flush = time.monotonic()
+                if err is None:
+                    backoff = 1.0
+                    if self._failing:
+                        log.warning("MLflow store %s is taking metrics again", redact(self.uri))
+                        self._failing = False
+                else:
+                    self._pending[:0] = batch[sent + dropped :]
+                    self._failures += 1
+                    if not self._failing:
+                        log.warning(
+                            "MLflow store %s failed to take metrics (%s); keeping %d points "
+                            "to retry",
+                            redact(self.uri),
+                            err,
+                            len(self._pending),
+                        )
+                    self._failing = True
+                    overflow = len(self._pending) - self.max_pending
+                    if overflow > 0:
+                        log.warning("store still failing: dropping the %d oldest points", overflow)
+                        del self._pending[:overflow]
+                        self._done += overflow
+                    self._next_try = time.monotonic() + backoff
+                    backoff = min(backoff * 2, 60.0)
+                    if self._stopping:
+                        final_attempts -= 1
+                        if final_attempts <= 0:
+                            log.warning(
+                                "%d metric points of run %s could not be written to %s",
+                                len(self._pending),
+                                self.run_id,
+                                redact(self.uri),
+                            )
+                            self._done += len(self._pending)
+                            self._pending.clear()
+                            self._cv.notify_all()
+                            return
+                self._cv.notify_all()
+            if err is not None and self._stopping:
+                time.sleep(0.5)
+
+    def _send(self, batch: list[Metric]) -> tuple[int, int, str | None]:
+        """Write ``batch`` in chunks: (points sent, points dropped as invalid, error or None)."""
+        assert self._client is not None and self.run_id is not None
+        sent = dropped = 0
+        while sent + dropped < len(batch):
+            start = sent + dropped
+            chunk = batch[start : start + MAX_METRICS_PER_BATCH]
+            try:
+                self._client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            except Exception as err:
+                if not _is_permanent(err):
+                    return sent, dropped, _one_line(err)
+                log.warning(
+                    "dropping %d metric points the store refused: %s", len(chunk), _one_line(err)
+                )
+                dropped += len(chunk)
+                continue
+            sent += len(chunk)
+        return sent, dropped, None
+
+    # -- tags and artifacts
+
+    def _require_run(self) -> tuple[MlflowClient, str]:
+        if self._client is None or self.run_id is None:
+            raise RuntimeError("the run is not started")
+        return self._client, self.run_id
+
+    def _wrap(self, what: str, call: Any, *args: Any, **kwargs: Any) -> None:
+        try:
+            call(*args, **kwargs)
+        except Exception as err:
+            raise TrackingError(
+                f"{what} for run {self.run_id} at {redact(self.uri)} failed: {_one_line(err)}"
+            ) from err
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        from mlflow.entities import RunTag
+
+        client, run_id = self._require_run()
+        items = [RunTag(_clean_key(k), redact(str(v))[:MAX_TAG_LEN]) for k, v in tags.items()]
+        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
+            chunk = items[i : i + MAX_PARAMS_PER_BATCH]
+            self._wrap("setting tags", client.log_batch, run_id, tags=chunk, synchronous=True)
+
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        client, run_id = self._require_run()
+        self._wrap(
+            f"logging {local_path}", client.log_artifact, run_id, str(local_path), artifact_path
+        )
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        client, run_id = self._require_run()
+        self._wrap(
+            f"logging {local_dir}", client.log_artifacts, run_id, str(local_dir), artifact_path
+        )
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        client, run_id = self._require_run()
+        self._wrap(f"logging {artifact_file}", client.log_text, run_id, text, artifact_file)
+
+    def log_figure(self, fig: Figure, artifact_file: str) -> None:
+        client, run_id = self._require_run()
+        self._wrap(f"logging {artifact_file}", client.log_figure, run_id, fig, artifact_file)
+
+    @property
+    def artifact_uri(self) -> str | None:
+        return self._artifact_uri
+
+    def artifact_dir(self) -> Path | None:
+        """The run's artifact folder when the artifact store is local, else None."""
+        uri = self._artifact_uri
+        if not uri:
+            return None
+        parsed = urlparse(uri)
+        if parsed.scheme == "file":
+            return Path(unquote(parsed.path))
+        if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+            return Path(uri)
+        return None
+
+
+# ----------------------------------------------------------------------------- download
+
+
+def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
+    """Fetch a run's artifacts (``workbench eval <run-id>``); ValueError if there is no such run
+    or artifact, TrackingError if the store cannot be reached."""
+    from mlflow.exceptions import MlflowException
+
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise ValueError(f"no run {run_id} in {redact(uri)} (the store does not exist)")
+    _probe(uri, "Default")
+    client = _client(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ValueError(f"no run {run_id} in {redact(uri)}") from None
+        raise TrackingError(
+            f"cannot read run {run_id} from {redact(uri)}: {_one_line(err)}"
+        ) from None
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = client.download_artifacts(run_id, artifact_path, dst_path=str(dst))
+    except (MlflowException, OSError) as err:
+        raise ValueError(
+            f"run {run_id} in {redact(uri)} has no artifact {artifact_path!r} ({_one_line(err)})"
+        ) from None
+    return Path(local)

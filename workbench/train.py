@@ -1,0 +1,389 @@
+"""The training loop: ``train(cfg, tracker, hooks) -> RunResult``.
+
+One flat loop — collect, store, update, evaluate, report — that ``workbench train``, study
+trials and ablation runs all call. The MLflow run it reports to always ends: FINISHED,
+FAILED with the reason, or KILLED (interrupt, or a hook that stops the run early).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from workbench import envs as envs_mod
+from workbench.config import Config, config_hash, flatten, to_dict, validate
+from workbench.ddpg import DDPG
+from workbench.display import ProgressDisplay
+from workbench.evaluate import evaluate
+from workbench.exploration import Explorer
+from workbench.policy import ARTIFACT_DIR, save_policy
+from workbench.replay import ReplayBuffer
+from workbench.tracking import NullTracker, Tracker, git_info, make_tracker
+
+log = logging.getLogger(__name__)
+
+EVAL_SEED_OFFSET = 10_000  # evaluation episodes never share seeds with training
+
+
+class Hook(Protocol):
+    """Called after every evaluation; raise StopRun to end the run early (e.g. pruning)."""
+
+    def on_evaluation(self, step: int, metrics: Mapping[str, float], agent: DDPG) -> None: ...
+
+
+class StopRun(Exception):
+    """Raised by a hook to stop training; the run ends with ``status`` and the reason."""
+
+    def __init__(self, reason: str, status: str = "KILLED"):
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+class DivergenceError(RuntimeError):
+    """A loss, Q value or action became NaN or infinite."""
+
+
+@dataclass
+class RunResult:
+    run_id: str | None
+    status: str
+    steps: int
+    final_return_mean: float
+    final_return_std: float
+    eval_steps: list[int] = field(default_factory=list)
+    eval_returns: list[float] = field(default_factory=list)
+    eval_stds: list[float] = field(default_factory=list)
+    wall_time_s: float = 0.0
+    reason: str | None = None
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={device!r}: CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class _MetricMeans:
+    """Running sums of update metrics kept on the device; one host read per log point."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: Mapping[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            if key in self.sums:
+                self.sums[key] += value
+                self.counts[key] += 1
+            else:
+                self.sums[key] = value.clone()
+                self.counts[key] = 1
+
+    def pop(self) -> dict[str, float]:
+        if not self.sums:
+            return {}
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k] for k in keys]).tolist()
+        out = {k: v / self.counts[k] for k, v in zip(keys, values, strict=True)}
+        self.sums.clear()
+        self.counts.clear()
+        return out
+
+
+def _crossed(prev: int, now: int, every: int) -> bool:
+    return every > 0 and now // every > prev // every
+
+
+def run_name(cfg: Config) -> str:
+    return cfg.tracking.run_name or f"{cfg.agent.name}-{cfg.env.name}-s{cfg.seed}"
+
+
+def run_tags(cfg: Config, device: torch.device, extra: Mapping[str, str] | None) -> dict[str, str]:
+    tags = {
+        "workbench.config_hash": config_hash(cfg),
+        "workbench.seed": str(cfg.seed),
+        "workbench.device": str(device),
+        "workbench.env_id": cfg.env.id,
+        "workbench.agent": cfg.agent.name,
+        **git_info(),
+        **{k: str(v) for k, v in cfg.tracking.tags.items()},
+    }
+    tags.update(extra or {})
+    return tags
+
+
+def train(
+    cfg: Config,
+    tracker: Tracker | None = None,
+    hooks: Sequence[Hook] = (),
+    *,
+    tags: Mapping[str, str] | None = None,
+) -> RunResult:
+    """Train one DDPG/TD3 agent as ``cfg`` says and report everything to ``tracker``."""
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    seed_everything(cfg.seed)
+
+    # Everything that can fail on bad input happens before the tracker's run exists.
+    e = cfg.env
+    env_kw = {
+        "max_episode_steps": e.max_episode_steps,
+        "time_feature": e.time_feature,
+        "env_kwargs": dict(e.kwargs),
+    }
+    envs = envs_mod.make_vec_env(
+        e.id, e.n_envs, vectorization=e.vectorization, seed=cfg.seed, **env_kw
+    )
+    try:
+        eval_env = envs_mod.make_env(
+            e.id, render_mode="rgb_array" if cfg.eval.video else None, **env_kw
+        )
+    except Exception:
+        envs.close()
+        raise
+    tracker = tracker or make_tracker(cfg.tracking, run_name=run_name(cfg))
+    try:
+        return _train(cfg, tracker, hooks, device, envs, eval_env, tags)
+    finally:
+        envs.close()
+        eval_env.close()
+
+
+def _train(
+    cfg: Config,
+    tracker: Tracker,
+    hooks: Sequence[Hook],
+    device: torch.device,
+    envs: Any,
+    eval_env: Any,
+    extra_tags: Mapping[str, str] | None,
+) -> RunResult:
+    a, e = cfg.agent, cfg.env
+    obs_dim = int(np.prod(envs.single_observation_space.shape))
+    action_dim = int(np.prod(envs.single_action_space.shape))
+    low = envs.single_action_space.low.astype(np.float32)
+    high = envs.single_action_space.high.astype(np.float32)
+    if not (np.all(np.isfinite(low)) and np.all(np.isfinite(high))):
+        raise ValueError(f"env.id={e.id!r}: DDPG needs a bounded action space, got {low}..{high}")
+
+    config_tree = to_dict(cfg)
+    tracker.start(params=flatten(config_tree), tags=run_tags(cfg, device, extra_tags))
+    tracker.log_text(OmegaConf.to_yaml(config_tree), "config.yaml")
+
+    t_start = time.perf_counter()
+    step = 0
+    result = RunResult(tracker.run_id, "RUNNING", 0, math.nan, math.nan)
+    display = ProgressDisplay(cfg.total_steps, enabled=cfg.progress)
+    try:
+        agent = DDPG(
+            obs_dim, action_dim, a, device=device, normalize_obs=e.normalize_obs, seed=cfg.seed
+        )
+        buffer = ReplayBuffer(a.buffer_size, obs_dim, action_dim, device=device, seed=cfg.seed)
+        explorer = Explorer(
+            cfg.noise,
+            cfg.schedule,
+            cfg.epsilon,
+            total_steps=cfg.total_steps,
+            n_envs=e.n_envs,
+            action_dim=action_dim,
+            actor=agent.actor,
+            seed=cfg.seed,
+        )
+        rng = np.random.default_rng(cfg.seed)
+        means = _MetricMeans()
+        train_curve: tuple[list[int], list[float]] = ([], [])
+
+        def to_env(actions: np.ndarray) -> np.ndarray:
+            return low + (actions + 1.0) * 0.5 * (high - low)
+
+        def policy_fn(obs: np.ndarray) -> np.ndarray:
+            x = torch.as_tensor(obs, dtype=torch.float32, device=device).reshape(1, -1)
+            return to_env(agent.act(x)[0].cpu().numpy())
+
+        def run_eval(video_path: Path | None = None) -> dict[str, float]:
+            t0 = time.perf_counter()
+            res = evaluate(
+                policy_fn,
+                eval_env,
+                cfg.eval.episodes,
+                seed=cfg.seed + EVAL_SEED_OFFSET,
+                video_path=video_path,
+                video_max_frames=cfg.eval.video_max_frames,
+                fps=cfg.eval.video_fps,
+            )
+            metrics = res.metrics()
+            if not math.isfinite(metrics["eval/return_mean"]):
+                raise DivergenceError(f"evaluation return is {metrics['eval/return_mean']}")
+            tracker.log_metrics(metrics, step)
+            result.eval_steps.append(step)
+            result.eval_returns.append(metrics["eval/return_mean"])
+            result.eval_stds.append(metrics["eval/return_std"])
+            result.final_return_mean = metrics["eval/return_mean"]
+            result.final_return_std = metrics["eval/return_std"]
+            display.update(step, last_eval=metrics["eval/return_mean"])
+            log.info(
+                "step %d: eval return %.1f +- %.1f (%.1fs)",
+                step,
+                metrics["eval/return_mean"],
+                metrics["eval/return_std"],
+                time.perf_counter() - t0,
+            )
+            if res.video_path is not None:
+                tracker.log_artifact(res.video_path, "video")
+            return metrics
+
+        obs, _ = envs.reset(seed=cfg.seed)
+        agent.obs_norm.update(obs)
+        last_log_step, last_log_time, updates_since_log = 0, time.perf_counter(), 0
+        n_vec_steps = 0
+        while step < cfg.total_steps:
+            # collect
+            if step < a.learning_starts:
+                actions = rng.uniform(-1.0, 1.0, size=(e.n_envs, action_dim)).astype(np.float32)
+            else:
+                obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
+                actions = explorer.act(agent.actor, agent.obs_norm(obs_t), step)
+            next_obs, rewards, terminated, truncated, infos = envs.step(to_env(actions))
+            buffer.add(
+                obs,
+                actions,
+                rewards,
+                envs_mod.real_next_obs(next_obs, infos),
+                terminated,
+                truncated,
+            )
+            prev_step, step, n_vec_steps = step, step + e.n_envs, n_vec_steps + 1
+            for _, ep_return, ep_length in envs_mod.finished_episodes(infos):
+                tracker.log_metrics(
+                    {"train/episode_return": ep_return, "train/episode_length": ep_length}, step
+                )
+                train_curve[0].append(step)
+                train_curve[1].append(ep_return)
+                display.update(step, last_return=ep_return)
+            done = np.logical_or(terminated, truncated)
+            if done.any():
+                explorer.on_episode_end(agent.actor, done)
+            obs = next_obs
+            agent.obs_norm.update(obs)
+
+            # learn
+            if step >= a.learning_starts and n_vec_steps % a.train_freq == 0:
+                batch = None
+                for _ in range(a.gradient_steps):
+                    batch = buffer.sample(a.batch_size)
+                    means.add(agent.update(batch))
+                updates_since_log += a.gradient_steps
+                if batch is not None and cfg.noise.kind == "param":
+                    explorer.adapt(agent.actor, agent.obs_norm(batch.obs), step)
+
+            # report
+            if _crossed(prev_step, step, cfg.tracking.log_every):
+                now = time.perf_counter()
+                metrics = means.pop()
+                bad = [k for k, v in metrics.items() if not math.isfinite(v)]
+                if bad:
+                    raise DivergenceError(
+                        f"non-finite {', '.join(f'{k}={metrics[k]}' for k in bad)} at step {step}"
+                    )
+                elapsed = max(now - last_log_time, 1e-9)
+                metrics["perf/sps"] = (step - last_log_step) / elapsed
+                metrics["perf/updates_per_s"] = updates_since_log / elapsed
+                metrics.update(explorer.metrics(step))
+                tracker.log_metrics(metrics, step)
+                display.update(step, sps=metrics["perf/sps"])
+                last_log_step, last_log_time, updates_since_log = step, now, 0
+            display.advance(step)
+
+            if _crossed(prev_step, step, cfg.eval.every) and step < cfg.total_steps:
+                eval_metrics = run_eval()
+                for hook in hooks:
+                    hook.on_evaluation(step, eval_metrics, agent)
+
+        # final evaluation, with a video where the env renders
+        with tempfile.TemporaryDirectory(prefix="workbench-") as tmp:
+            tmp_dir = Path(tmp)
+            video = tmp_dir / "eval.mp4" if cfg.eval.video else None
+            final_metrics = run_eval(video)
+            for hook in hooks:
+                hook.on_evaluation(step, final_metrics, agent)
+            tracker.log_metrics({"eval/final_return_mean": final_metrics["eval/return_mean"]}, step)
+            _log_figure(tracker, cfg, result, train_curve)
+            if cfg.tracking.save_policy and tracker.run_id is not None:
+                spec = {
+                    "env_id": e.id,
+                    "env_kwargs": dict(e.kwargs),
+                    "max_episode_steps": e.max_episode_steps,
+                    "time_feature": e.time_feature,
+                    "obs_dim": obs_dim,
+                    "action_dim": action_dim,
+                    "action_low": low.tolist(),
+                    "action_high": high.tolist(),
+                    "normalize_obs": e.normalize_obs,
+                    "config_hash": config_hash(cfg),
+                    "steps": step,
+                }
+                pdir = save_policy(agent.actor, agent.obs_norm, low, high, spec, tmp_dir / "p")
+                tracker.log_artifacts(pdir, ARTIFACT_DIR)
+            tracker.flush()
+    except KeyboardInterrupt:
+        result.status, result.reason = "KILLED", f"interrupted at step {step}"
+        tracker.end("KILLED", result.reason)
+        raise
+    except StopRun as stop:
+        result.status, result.reason = stop.status, stop.reason
+        tracker.end(stop.status, stop.reason)
+        raise
+    except BaseException as err:
+        result.status, result.reason = "FAILED", f"{type(err).__name__}: {err}"
+        tracker.end("FAILED", result.reason)
+        raise
+    finally:
+        display.close()
+        result.steps = step
+        result.wall_time_s = time.perf_counter() - t_start
+    result.status = "FINISHED"
+    tracker.end("FINISHED")
+    return result
+
+
+def _log_figure(
+    tracker: Tracker, cfg: Config, result: RunResult, train_curve: tuple[list[int], list[float]]
+) -> None:
+    if isinstance(tracker, NullTracker):
+        return
+    from workbench import plots
+
+    fig = plots.learning_curve(
+        result.eval_steps,
+        result.eval_returns,
+        result.eval_stds,
+        train_steps=train_curve[0],
+        train_returns=train_curve[1],
+        title=f"{cfg.agent.name} on {cfg.env.id} (seed {cfg.seed})",
+    )
+    tracker.log_figure(fig, "learning_curve.png")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
