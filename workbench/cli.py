@@ -151,6 +151,7 @@ def _learning_check_job(overrides: list[str]) -> dict[str, Any]:
     from workbench.config import compose
     from workbench.train import train
 
+    _setup_logging()  # spawned workers start with logging unconfigured
     cfg = compose(overrides)
     result = train(cfg, tags={"workbench.check": "learning"})
     return {
