@@ -229,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1))
     p.add_argument("--target", type=float, default=-200.0, help="every seed must reach this")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
+
+    from workbench import compare
+
+    compare.register(sub)
     return parser
 
 
@@ -244,8 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 130
     args = build_parser().parse_args(argv)
     handlers = {"eval": cmd_eval, "ui": cmd_ui, "learning-check": cmd_learning_check}
+    handler = getattr(args, "handler", None) or handlers[args.command]
     try:
-        return handlers[args.command](args)
+        return handler(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"workbench: {err}", file=sys.stderr)
         return 2

@@ -12,7 +12,7 @@ import matplotlib.pyplot as plt  # after matplotlib.use: the backend must be cho
 import numpy as np
 from matplotlib.figure import Figure
 
-__all__ = ["learning_curve", "rolling_mean"]
+__all__ = ["curves_with_bands", "interval_estimates", "learning_curve", "rolling_mean"]
 
 
 def rolling_mean(values: Sequence[float], window: int) -> np.ndarray:
@@ -84,4 +84,46 @@ def learning_curve(
     ax.grid(alpha=0.3)
     if e_steps.size or t_steps.size:
         ax.legend(loc="best", fontsize="small")
+    return fig
+
+
+def curves_with_bands(
+    series: dict[str, tuple[Sequence[int], Sequence[float], Sequence[float], Sequence[float]]],
+    *,
+    title: str = "",
+    ylabel: str = "return",
+    center_label: str = "IQM",
+) -> Figure:
+    """One line per group with its bootstrap band: ``{name: (steps, center, low, high)}``."""
+    fig, ax = plt.subplots(figsize=(7, 4), constrained_layout=True)
+    for name, (steps, center, low, high) in series.items():
+        (line,) = ax.plot(steps, center, marker=".", label=name)
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("env steps")
+    ax.set_ylabel(f"{ylabel} ({center_label}, 95% CI)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if series:
+        ax.legend(fontsize="small")
+    return fig
+
+
+def interval_estimates(
+    rows: Sequence[tuple[str, float, float, float]],
+    *,
+    title: str = "",
+    xlabel: str = "final eval return (IQM, 95% CI)",
+    baseline: str | None = None,
+) -> Figure:
+    """Point estimate and CI per group, one row each: ``(name, center, low, high)``."""
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(rows) + 1.2), constrained_layout=True)
+    for i, (name, center, low, high) in enumerate(rows):
+        color = "tab:gray" if name == baseline else "tab:blue"
+        ax.plot([low, high], [i, i], color=color, linewidth=6, alpha=0.35, solid_capstyle="butt")
+        ax.plot([center], [i], marker="|", markersize=14, color=color)
+    ax.set_yticks(range(len(rows)), [r[0] for r in rows])
+    ax.invert_yaxis()
+    ax.set_xlabel(xlabel)
+    ax.set_title(title)
+    ax.grid(axis="x", alpha=0.3)
     return fig

@@ -23,7 +23,8 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
@@ -41,14 +42,17 @@ if TYPE_CHECKING:
 __all__ = [
     "MlflowTracker",
     "NullTracker",
+    "RunRecord",
     "Tracker",
     "TrackingError",
     "download_artifacts",
     "embedded_uri",
     "git_info",
     "make_tracker",
+    "metric_history",
     "redact",
     "resolve_uri",
+    "search_runs",
 ]
 
 log = logging.getLogger(__name__)
@@ -945,3 +949,72 @@ def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> 
             f"run {run_id} in {redact(uri)} has no artifact {artifact_path!r} ({_one_line(err)})"
         ) from None
     return Path(local)
+
+
+# ----------------------------------------------------------------------------- queries
+
+
+@dataclass
+class RunRecord:
+    """What comparisons need of a run, read once from the store."""
+
+    run_id: str
+    run_name: str
+    experiment_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]  # latest value of each metric
+    tags: dict[str, str]
+
+
+def search_runs(
+    uri: str,
+    *,
+    experiments: Sequence[str] = (),
+    filter_string: str = "",
+    run_ids: Sequence[str] = (),
+    max_results: int = 5000,
+) -> list[RunRecord]:
+    """Runs by experiment names (all experiments when none), MLflow filter, or explicit ids."""
+    client = _client(uri)
+    records: list[RunRecord] = []
+    if run_ids:
+        for run_id in run_ids:
+            try:
+                records.append(_record(client.get_run(run_id)))
+            except Exception as err:
+                raise ValueError(f"no run {run_id} in {redact(uri)}: {_one_line(err)}") from None
+        return records
+    if experiments:
+        ids = []
+        for name in experiments:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                known = ", ".join(e.name for e in client.search_experiments()) or "none"
+                raise ValueError(f"no experiment named {name!r} (experiments: {known})")
+            ids.append(exp.experiment_id)
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    try:
+        runs = client.search_runs(ids, filter_string=filter_string, max_results=max_results)
+    except Exception as err:
+        raise ValueError(f"bad filter {filter_string!r}: {_one_line(err)}") from None
+    return [_record(r) for r in runs]
+
+
+def _record(run: Any) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or "",
+        experiment_id=run.info.experiment_id,
+        status=run.info.status,
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+        tags=dict(run.data.tags),
+    )
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """All points of one metric of a run, as (step, value) sorted by step."""
+    client = _client(uri)
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
