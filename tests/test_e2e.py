@@ -224,7 +224,8 @@ def test_cli_train_and_multirun(tmp_path):
     assert summary["status"] == "FINISHED"
     assert (tmp_path / "mlruns" / "mlflow.db").exists()
 
-    proc = _cli(["train", "-m", *TINY, "eval.video=false", "seed=0,1"], tmp_path)
+    parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
+    proc = _cli(["train", "-m", *parallel, *TINY, "eval.video=false", "seed=0,1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = client.search_runs(

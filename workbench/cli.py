@@ -230,8 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=-200.0, help="every seed must reach this")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
 
-    from workbench import compare
+    from workbench import ablation, compare
 
+    ablation.register(sub)
     compare.register(sub)
     return parser
 

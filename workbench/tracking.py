@@ -541,6 +541,7 @@ class MlflowTracker:
         parent_run_id: str | None = None,
         flush_every_s: float = 10.0,
         max_buffer: int = 1000,
+        resume_run_id: str | None = None,
     ) -> None:
         if max_buffer < 1:
             raise ValueError(f"max_buffer={max_buffer}: must be >= 1")
@@ -549,6 +550,7 @@ class MlflowTracker:
         self.run_name = run_name
         self.artifact_root = Path(artifact_root) if artifact_root is not None else None
         self.parent_run_id = parent_run_id
+        self.resume_run_id = resume_run_id  # continue this run instead of creating one
         self.flush_every_s = flush_every_s
         self.max_buffer = max_buffer
         # Bound memory while the store is down: keep the newest points, say what was dropped.
@@ -585,18 +587,22 @@ class MlflowTracker:
             raise RuntimeError(f"run {self.run_id} already started")
         _probe(self.uri, self.experiment)
         client = _client(self.uri)
-        with _store_lock(self.uri):
-            experiment_id = self._get_or_create_experiment(client)
-
         all_tags = self._run_tags(tags)
-        first, rest = all_tags[:MAX_PARAMS_PER_BATCH], all_tags[MAX_PARAMS_PER_BATCH:]
-        try:
-            run = client.create_run(experiment_id, run_name=self.run_name, tags=dict(first))
-        except Exception as err:
-            raise TrackingError(
-                f"cannot create a run in experiment {self.experiment!r} at {redact(self.uri)}: "
-                f"{_one_line(err)}"
-            ) from None
+        if self.resume_run_id is not None:
+            run = self._reopen(client)
+            experiment_id, rest = run.info.experiment_id, all_tags
+            params = {k: v for k, v in params.items() if _clean_key(k) not in run.data.params}
+        else:
+            with _store_lock(self.uri):
+                experiment_id = self._get_or_create_experiment(client)
+            first, rest = all_tags[:MAX_PARAMS_PER_BATCH], all_tags[MAX_PARAMS_PER_BATCH:]
+            try:
+                run = client.create_run(experiment_id, run_name=self.run_name, tags=dict(first))
+            except Exception as err:
+                raise TrackingError(
+                    f"cannot create a run in experiment {self.experiment!r} at "
+                    f"{redact(self.uri)}: {_one_line(err)}"
+                ) from None
         self._client, self.experiment_id = client, experiment_id
         self.run_id, self._artifact_uri = run.info.run_id, run.info.artifact_uri
         self._pid = os.getpid()
@@ -615,6 +621,20 @@ class MlflowTracker:
             self.end("FAILED", reason)
             raise TrackingError(f"run {self.run_id} at {redact(self.uri)}: {reason}") from None
         return self.run_id
+
+    def _reopen(self, client: MlflowClient) -> Any:
+        """Mark an existing run RUNNING again so this process continues it."""
+        assert self.resume_run_id is not None
+        try:
+            run = client.get_run(self.resume_run_id)
+            client.update_run(run.info.run_id, status="RUNNING")
+            if REASON_TAG in run.data.tags:  # why it ended last time no longer holds
+                client.delete_tag(run.info.run_id, REASON_TAG)
+        except Exception as err:
+            raise TrackingError(
+                f"cannot continue run {self.resume_run_id} at {redact(self.uri)}: {_one_line(err)}"
+            ) from None
+        return run
 
     def _get_or_create_experiment(self, client: MlflowClient) -> str:
         from mlflow.exceptions import MlflowException

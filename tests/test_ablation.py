@@ -1,0 +1,136 @@
+"""Ablation specs, runner, resume and report, end to end with tiny runs."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from workbench.ablation import load_spec, run_ablation
+from workbench.specfile import SpecError
+
+TINY = (
+    "[env=pendulum, 'agent.actor_hidden=[16]', 'agent.critic_hidden=[16]', agent.batch_size=32, "
+    "agent.learning_starts=100, eval.every=200, eval.episodes=1, eval.video=false, "
+    "tracking.log_every=100]"
+)
+
+
+def _spec(tmp_path, body: str, name="spec.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def _tiny(tmp_path, *, seeds="[0, 1]", extra=""):
+    return _spec(
+        tmp_path,
+        f"""
+        name: tiny
+        base: {TINY}
+        steps: 400
+        seeds: {seeds}
+        baseline: ddpg
+        variants:
+          ddpg: [agent=ddpg]
+          twin: [agent=ddpg, agent.n_critics=2]
+        tracking:
+          dir: {tmp_path / "mlruns"}
+        {extra}
+        """,
+    )
+
+
+def _body(variants="{a: [], b: []}", baseline="a", seeds="2", extra=""):
+    return f"name: x\nbaseline: {baseline}\nseeds: {seeds}\nvariants: {variants}\n{extra}"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (_body(extra="colour: red\n"), "unknown key(s) colour"),
+        (_body("\n  a: []\n  a: [agent=td3]"), "duplicate key 'a' (line 6)"),
+        (_body(baseline="c"), "baseline='c': must be one of the variants (a, b)"),
+        (_body(seeds="0"), "seeds=0: must be a count >= 1"),
+        (_body(seeds="[1, 1]"), "must be distinct"),
+        (_body("{a: []}"), "at least two variant"),
+        (_body("{a: [], b: [agent=sac]}"), "variant 'b': overrides do not compose"),
+        (_body("{a: [], b: [agent.tau=3]}"), "variant 'b'"),
+        (_body("{a: [], b: [agent.taux=3]}"), "agent.taux"),
+        ("baseline: a\nseeds: 2\nvariants: {a: [], b: []}\n", "missing required key 'name'"),
+    ],
+)
+def test_bad_specs_are_rejected_before_any_run(tmp_path, body, message):
+    with pytest.raises(SpecError) as err:
+        load_spec(_spec(tmp_path, body))
+    assert message in str(err.value)
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_shipped_specs_load():
+    from pathlib import Path
+
+    names = {p.stem for p in Path("studies/ablations").glob("*.yaml")}
+    assert {"td3_components", "exploration", "noise_schedule", "tau"} <= names
+    for name in names:
+        spec = load_spec(f"studies/ablations/{name}.yaml")
+        assert spec.baseline in spec.variants
+
+
+def test_tiny_ablation_end_to_end_and_resume(tmp_path):
+    spec = load_spec(_tiny(tmp_path))
+    out = tmp_path / "report"
+    result = run_ablation(spec, workers=2, out_dir=out)
+    assert (result.ran, result.skipped, result.failed) == (4, 0, [])
+    assert sorted(result.scores) == ["ddpg", "twin"]
+    assert all(len(v) == 2 for v in result.scores.values())
+    for name in ("report.md", "summary.csv", "iqm.png", "curves.png"):
+        assert (out / name).stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert "| twin | 2 |" in md and "too few seeds" in md
+
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("ablation-tiny")
+    runs = client.search_runs([exp.experiment_id])
+    parent = [r for r in runs if r.data.tags.get("workbench.role") == "parent"]
+    children = [r for r in runs if r.data.tags.get("workbench.role") == "child"]
+    assert len(parent) == 1 and len(children) == 4
+    assert parent[0].info.status == "FINISHED"
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent[0].info.run_id}
+    pairs = sorted(
+        (r.data.tags["workbench.variant"], r.data.tags["workbench.seed"]) for r in children
+    )
+    assert pairs == [("ddpg", "0"), ("ddpg", "1"), ("twin", "0"), ("twin", "1")]
+    artifacts = {f.path for f in client.list_artifacts(parent[0].info.run_id, "report")}
+    assert artifacts >= {
+        "report/report.md",
+        "report/summary.csv",
+        "report/iqm.png",
+        "report/curves.png",
+    }
+    assert "iqm/twin" in parent[0].data.metrics
+
+    # re-run with one more seed: the four finished runs are reused, only seed 2 runs
+    client.set_terminated(children[0].info.run_id, "KILLED")  # and a killed one is redone
+    spec = load_spec(_tiny(tmp_path, seeds="[0, 1, 2]"))
+    again = run_ablation(spec, workers=2, out_dir=out)
+    assert (again.ran, again.skipped) == (3, 3)
+    assert all(len(v) == 3 for v in again.scores.values())
+    parents = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("workbench.role") == "parent"
+    ]
+    assert len(parents) == 1  # the same parent run continues
+
+
+def test_cli_ablate_rejects_a_bad_spec(tmp_path):
+    path = _spec(tmp_path, "name: x\nbaseline: a\nseeds: 2\nvariants: {a: [], b: [env=nope]}\n")
+    proc = subprocess.run(
+        [sys.executable, "-m", "workbench.cli", "ablate", str(path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "variant 'b': overrides do not compose" in proc.stderr
+    assert not (tmp_path / "mlruns").exists()

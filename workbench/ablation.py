@@ -1,0 +1,500 @@
+"""Ablation experiments: variants x seeds, run in worker processes, reported with robust stats.
+
+A spec (YAML, e.g. ``studies/ablations/td3_components.yaml``) names a base experiment, a
+baseline and variants as Hydra overrides. ``workbench ablate SPEC --workers K`` runs every
+variant x seed as a child of one parent MLflow run, skipping runs already FINISHED in MLflow
+(same config hash and seed, so a re-run resumes and redoes only failed or killed ones), then
+reports IQM, bootstrap CIs, probability of improvement and Mann-Whitney U against the
+baseline: in the terminal, as markdown + CSV, and as figures on the parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from workbench import stats
+from workbench.config import ConfigError, compose, config_hash
+from workbench.specfile import SpecError, check_keys, load_yaml
+from workbench.tracking import (
+    MlflowTracker,
+    RunRecord,
+    metric_history,
+    resolve_uri,
+    search_runs,
+)
+
+log = logging.getLogger(__name__)
+
+SCORE_METRIC = "eval/final_return_mean"
+CURVE_METRIC = "eval/return_mean"
+ABLATION_TAG = "workbench.ablation"
+VARIANT_TAG = "workbench.variant"
+ROLE_TAG = "workbench.role"
+_SPEC_KEYS = {"name", "description", "base", "baseline", "variants", "seeds", "steps", "tracking"}
+_TRACKING_KEYS = {"experiment", "uri", "dir"}
+
+
+@dataclass
+class AblationSpec:
+    name: str
+    base: list[str]
+    baseline: str
+    variants: dict[str, list[str]]
+    seeds: list[int]
+    steps: int | None = None
+    description: str = ""
+    experiment: str = ""
+    tracking_uri: str | None = None
+    tracking_dir: str = "mlruns"
+    path: Path | None = None
+
+    def overrides(self, variant: str, seed: int) -> list[str]:
+        steps = [f"total_steps={self.steps}"] if self.steps else []
+        return [
+            *self.base,
+            *self.variants[variant],
+            *steps,
+            f"seed={seed}",
+            "progress=false",
+            f"tracking.experiment={self.experiment}",
+            f"tracking.dir={self.tracking_dir}",
+            *([f"tracking.uri={self.tracking_uri}"] if self.tracking_uri else []),
+        ]
+
+    def as_params(self) -> dict[str, str]:
+        params = {
+            "ablation.name": self.name,
+            "ablation.base": " ".join(self.base),
+            "ablation.baseline": self.baseline,
+            "ablation.seeds": ",".join(map(str, self.seeds)),
+            "ablation.steps": str(self.steps),
+        }
+        params.update({f"variant.{k}": " ".join(v) or "(base)" for k, v in self.variants.items()})
+        return params
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list) and all(isinstance(v, str | int | float | bool) for v in value):
+        return [str(v) for v in value]
+    raise SpecError(f"{where}={value!r}: must be a list of Hydra overrides (strings)")
+
+
+def load_spec(path: str | Path) -> AblationSpec:
+    """Read and validate a spec; every variant x seed config is composed and validated here,
+    so a typo fails in seconds, before any run exists."""
+    path = Path(path)
+    data = load_yaml(path)
+    check_keys(data, _SPEC_KEYS, str(path))
+    for key in ("name", "baseline", "variants", "seeds"):
+        if key not in data:
+            raise SpecError(f"{path}: missing required key {key!r}")
+    name = data["name"]
+    if not isinstance(name, str) or not name.strip() or "/" in name:
+        raise SpecError(f"{path}: name={name!r}: must be a non-empty string without '/'")
+    variants_raw = data["variants"]
+    if not isinstance(variants_raw, dict) or len(variants_raw) < 2:
+        raise SpecError(f"{path}: variants: must map at least two variant names to overrides")
+    variants = {str(k): _str_list(v, f"variants.{k}") for k, v in variants_raw.items()}
+    baseline = str(data["baseline"])
+    if baseline not in variants:
+        raise SpecError(
+            f"{path}: baseline={baseline!r}: must be one of the variants ({', '.join(variants)})"
+        )
+    seeds_raw = data["seeds"]
+    if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool) and seeds_raw >= 1:
+        seeds = list(range(seeds_raw))
+    elif isinstance(seeds_raw, list) and seeds_raw and all(isinstance(s, int) for s in seeds_raw):
+        seeds = [int(s) for s in seeds_raw]
+        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
+            raise SpecError(f"{path}: seeds={seeds_raw!r}: must be distinct integers >= 0")
+    else:
+        raise SpecError(f"{path}: seeds={seeds_raw!r}: must be a count >= 1 or a list of ints")
+    steps = data.get("steps")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise SpecError(f"{path}: steps={steps!r}: must be an integer >= 1")
+    tracking = data.get("tracking") or {}
+    if not isinstance(tracking, dict):
+        raise SpecError(f"{path}: tracking: must be a mapping")
+    check_keys(tracking, _TRACKING_KEYS, f"{path}: tracking")
+    spec = AblationSpec(
+        name=name,
+        base=_str_list(data.get("base"), "base"),
+        baseline=baseline,
+        variants=variants,
+        seeds=seeds,
+        steps=steps,
+        description=str(data.get("description", "")),
+        experiment=str(tracking.get("experiment") or f"ablation-{name}"),
+        tracking_uri=tracking.get("uri"),
+        tracking_dir=str(tracking.get("dir") or "mlruns"),
+        path=path,
+    )
+    for variant in spec.variants:
+        try:
+            compose(spec.overrides(variant, spec.seeds[0]))
+        except ConfigError as err:
+            raise SpecError(f"{path}: variant {variant!r}: {err}") from None
+        except Exception as err:  # Hydra: unknown group option, bad override syntax, ...
+            raise SpecError(
+                f"{path}: variant {variant!r}: overrides do not compose: {str(err).splitlines()[0]}"
+            ) from None
+    return spec
+
+
+# ----------------------------------------------------------------------------- running
+
+
+@dataclass(frozen=True)
+class Job:
+    variant: str
+    seed: int
+    overrides: tuple[str, ...]
+    config_hash: str
+
+
+def plan(spec: AblationSpec) -> list[Job]:
+    jobs = []
+    for variant in spec.variants:
+        for seed in spec.seeds:
+            overrides = spec.overrides(variant, seed)
+            cfg = compose(overrides, validate_config=False)
+            jobs.append(Job(variant, seed, tuple(overrides), config_hash(cfg)))
+    return jobs
+
+
+def run_job(job: Job, ablation: str, parent_run_id: str | None) -> dict[str, Any]:
+    """One variant x seed in a worker process; failures are reported, not raised."""
+    from workbench.cli import _setup_logging
+    from workbench.tracking import make_tracker
+    from workbench.train import train
+
+    _setup_logging()
+    cfg = compose(list(job.overrides))
+    tracker = make_tracker(
+        cfg.tracking, run_name=f"{job.variant}-s{job.seed}", parent_run_id=parent_run_id
+    )
+    tags = {ABLATION_TAG: ablation, VARIANT_TAG: job.variant, ROLE_TAG: "child"}
+    try:
+        result = train(cfg, tracker, tags=tags)
+    except Exception as err:
+        return {"variant": job.variant, "seed": job.seed, "status": "FAILED", "error": str(err)}
+    return {
+        "variant": job.variant,
+        "seed": job.seed,
+        "status": result.status,
+        "run_id": result.run_id,
+        "final": result.final_return_mean,
+    }
+
+
+def _run_jobs(
+    jobs: Sequence[Job], ablation: str, parent_run_id: str | None, workers: int
+) -> list[dict[str, Any]]:
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    if not jobs:
+        return []
+    with ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(run_job, job, ablation, parent_run_id) for job in jobs]
+        try:
+            return [f.result() for f in futures]
+        except KeyboardInterrupt:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+
+def _finished_children(uri: str, spec: AblationSpec) -> list[RunRecord]:
+    return search_runs(
+        uri,
+        experiments=[spec.experiment],
+        filter_string=(
+            f"tags.`{ABLATION_TAG}` = '{spec.name}' and tags.`{ROLE_TAG}` = 'child' "
+            "and attributes.status = 'FINISHED'"
+        ),
+    )
+
+
+def _parent_run(uri: str, spec: AblationSpec) -> RunRecord | None:
+    try:
+        found = search_runs(
+            uri,
+            experiments=[spec.experiment],
+            filter_string=f"tags.`{ABLATION_TAG}` = '{spec.name}' and tags.`{ROLE_TAG}` = 'parent'",
+        )
+    except ValueError:  # the experiment does not exist yet
+        return None
+    return found[0] if found else None
+
+
+@dataclass
+class AblationResult:
+    spec: AblationSpec
+    parent_run_id: str | None
+    ran: int
+    skipped: int
+    failed: list[dict[str, Any]]
+    scores: dict[str, list[float]]  # variant -> final eval return per seed
+    curves: dict[str, tuple[list[int], np.ndarray, np.ndarray, np.ndarray]]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    files: dict[str, Path] = field(default_factory=dict)
+
+
+def run_ablation(
+    spec: AblationSpec, *, workers: int = 1, out_dir: Path | None = None, run: bool = True
+) -> AblationResult:
+    """Run what is missing (unless ``run`` is False), then report over what is finished."""
+    uri = resolve_uri(spec.tracking_uri, spec.tracking_dir)
+    existing = _parent_run(uri, spec)
+    parent = MlflowTracker(
+        uri=uri,
+        experiment=spec.experiment,
+        run_name=f"ablation-{spec.name}",
+        resume_run_id=existing.run_id if existing else None,
+    )
+    parent.start(
+        params=spec.as_params(),
+        tags={
+            ABLATION_TAG: spec.name,
+            ROLE_TAG: "parent",
+            "workbench.description": spec.description,
+        },
+    )
+    try:
+        if spec.path is not None:
+            parent.log_artifact(spec.path, "spec")
+        jobs = plan(spec)
+        done = {
+            (r.tags.get("workbench.config_hash"), r.tags.get("workbench.seed"))
+            for r in _finished_children(uri, spec)
+        }
+        todo = [j for j in jobs if (j.config_hash, str(j.seed)) not in done]
+        log.info(
+            "ablation %s: %d runs, %d already finished, %d to run with %d worker(s)",
+            spec.name,
+            len(jobs),
+            len(jobs) - len(todo),
+            len(todo) if run else 0,
+            workers,
+        )
+        outcomes = _run_jobs(todo, spec.name, parent.run_id, workers) if run else []
+        failed = [o for o in outcomes if o["status"] != "FINISHED"]
+        result = _collect(uri, spec, jobs)
+        result.parent_run_id = parent.run_id
+        result.ran, result.skipped, result.failed = len(outcomes), len(jobs) - len(todo), failed
+        _report(result, parent, out_dir or Path(spec.tracking_dir) / "ablations" / spec.name)
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        parent.end(status, f"{type(err).__name__}: {err}")
+        raise
+    if failed:
+        parent.end("FAILED", f"{len(failed)} of {len(outcomes)} runs failed; re-run to redo them")
+    else:
+        parent.end("FINISHED")
+    return result
+
+
+def _collect(uri: str, spec: AblationSpec, jobs: Sequence[Job]) -> AblationResult:
+    wanted = {(j.config_hash, str(j.seed)): j for j in jobs}
+    by_variant: dict[str, list[RunRecord]] = {v: [] for v in spec.variants}
+    for run in _finished_children(uri, spec):
+        job = wanted.get((run.tags.get("workbench.config_hash"), run.tags.get("workbench.seed")))
+        if job is not None and SCORE_METRIC in run.metrics:
+            by_variant[job.variant].append(run)
+    scores: dict[str, list[float]] = {}
+    curves = {}
+    for variant, runs in by_variant.items():
+        # one run per seed: the latest, if a seed was (re)run more than once
+        latest = {r.tags.get("workbench.seed"): r for r in runs}
+        scores[variant] = [r.metrics[SCORE_METRIC] for r in latest.values()]
+        histories = [dict(metric_history(uri, r.run_id, CURVE_METRIC)) for r in latest.values()]
+        steps = sorted({s for h in histories for s in h})
+        if steps:
+            matrix = np.array([[h.get(s, math.nan) for s in steps] for h in histories])
+            curves[variant] = (steps, *stats.curve_band(matrix, "iqm"))
+    return AblationResult(spec, None, 0, 0, [], scores, curves)
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _rows(result: AblationResult) -> list[dict[str, Any]]:
+    spec = result.spec
+    base_scores = result.scores.get(spec.baseline, [])
+    rows = []
+    for variant, scores in result.scores.items():
+        s = stats.summarize(scores)
+        row: dict[str, Any] = {
+            "variant": variant,
+            "n": s.n,
+            "iqm": s.iqm,
+            "iqm_ci_low": s.ci.get("iqm", (math.nan, math.nan))[0],
+            "iqm_ci_high": s.ci.get("iqm", (math.nan, math.nan))[1],
+            "mean": s.mean,
+            "median": s.median,
+            "std": s.std,
+        }
+        if variant == spec.baseline:
+            row.update(p_improvement=math.nan, poi_ci_low=math.nan, poi_ci_high=math.nan)
+            row.update(mwu_p=math.nan, verdict="baseline")
+        else:
+            c = stats.compare_to_baseline(scores, base_scores)
+            row.update(
+                p_improvement=c.p_improvement,
+                poi_ci_low=c.p_improvement_ci[0],
+                poi_ci_high=c.p_improvement_ci[1],
+                mwu_p=c.p_value,
+                verdict=c.verdict,
+            )
+        rows.append(row)
+    return rows
+
+
+def _f(x: float, d: int = 1) -> str:
+    return "-" if not isinstance(x, float | int) or not math.isfinite(x) else f"{x:.{d}f}"
+
+
+def _markdown(result: AblationResult, rows: list[dict[str, Any]]) -> str:
+    spec = result.spec
+    lines = [
+        f"# Ablation: {spec.name}",
+        "",
+        spec.description,
+        "",
+        f"Base: `{' '.join(spec.base) or '(defaults)'}`; steps: {spec.steps or 'from config'}; "
+        f"seeds: {len(spec.seeds)}; baseline: **{spec.baseline}**; score: final evaluation "
+        "return (deterministic policy).",
+        "",
+        "| variant | runs | IQM [95% CI] | mean ± std | median | P(better than baseline) [95% CI]"
+        " | Mann-Whitney p | verdict |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | {r['n']} | {_f(r['iqm'])} [{_f(r['iqm_ci_low'])}, "
+            f"{_f(r['iqm_ci_high'])}] | {_f(r['mean'])} ± {_f(r['std'])} | {_f(r['median'])} | "
+            f"{_f(r['p_improvement'], 2)} [{_f(r['poi_ci_low'], 2)}, {_f(r['poi_ci_high'], 2)}] |"
+            f" {_f(r['mwu_p'], 3)} | {r['verdict']} |"
+        )
+    lines += [
+        "",
+        "IQM: interquartile mean over seeds; CIs: percentile bootstrap over seeds.",
+        "P(better): probability that a run of the variant beats a run of the baseline.",
+        "",
+        "![IQM per variant](iqm.png)",
+        "",
+        "![Learning curves](curves.png)",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _print_table(result: AblationResult, rows: list[dict[str, Any]], console: Console) -> None:
+    table = Table(title=f"ablation {result.spec.name}: final eval return over seeds")
+    for col, justify in (
+        ("variant", "left"),
+        ("runs", "right"),
+        ("IQM [95% CI]", "right"),
+        ("mean ± std", "right"),
+        ("P(better) [95% CI]", "right"),
+        ("MWU p", "right"),
+        ("verdict", "left"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for r in rows:
+        table.add_row(
+            r["variant"],
+            str(r["n"]),
+            f"{_f(r['iqm'])} [{_f(r['iqm_ci_low'])}, {_f(r['iqm_ci_high'])}]",
+            f"{_f(r['mean'])} ± {_f(r['std'])}",
+            f"{_f(r['p_improvement'], 2)} [{_f(r['poi_ci_low'], 2)}, {_f(r['poi_ci_high'], 2)}]",
+            _f(r["mwu_p"], 3),
+            r["verdict"],
+        )
+    console.print(table)
+
+
+def _report(result: AblationResult, parent: MlflowTracker, out_dir: Path) -> None:
+    from workbench import plots
+
+    rows = _rows(result)
+    result.rows = rows
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files = {
+        "markdown": out_dir / "report.md",
+        "csv": out_dir / "summary.csv",
+        "iqm": out_dir / "iqm.png",
+        "curves": out_dir / "curves.png",
+    }
+    files["markdown"].write_text(_markdown(result, rows))
+    with files["csv"].open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig = plots.interval_estimates(
+        [(r["variant"], r["iqm"], r["iqm_ci_low"], r["iqm_ci_high"]) for r in rows],
+        title=f"{result.spec.name}: final eval return",
+        baseline=result.spec.baseline,
+    )
+    fig.savefig(files["iqm"], dpi=120)
+    fig = plots.curves_with_bands(result.curves, title=f"{result.spec.name}: eval return")
+    fig.savefig(files["curves"], dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+    result.files = files
+    for path in files.values():
+        parent.log_artifact(path, "report")
+    parent.log_metrics(
+        {f"iqm/{r['variant']}": r["iqm"] for r in rows if math.isfinite(r["iqm"])}, step=0
+    )
+    parent.flush()
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    try:
+        spec = load_spec(args.spec)
+    except SpecError as err:
+        print(f"workbench: {err}", file=sys.stderr)
+        return 2
+    result = run_ablation(spec, workers=args.workers, out_dir=args.out, run=not args.report_only)
+    console = Console()
+    if not console.is_terminal:
+        console.width = 180
+    _print_table(result, result.rows, console)
+    console.print(
+        f"ran {result.ran}, reused {result.skipped} finished run(s), {len(result.failed)} failed; "
+        f"report: {result.files.get('markdown')}; parent run: {result.parent_run_id}"
+    )
+    for failure in result.failed:
+        console.print(
+            f"  failed: {failure['variant']} seed {failure['seed']}: {failure.get('error')}"
+        )
+    return 1 if result.failed else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="run an ablation spec (variants x seeds) and report")
+    p.add_argument("spec", type=Path, help="ablation spec YAML, e.g. studies/ablations/tau.yaml")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="report folder (default mlruns/ablations/<name>)"
+    )
+    p.add_argument("--report-only", action="store_true", help="report on finished runs only")
+    p.set_defaults(handler=cmd_ablate)
