@@ -642,3 +642,30 @@ class TestExplorerParamNoise:
                 early = ex.param_noise.stddev
         late = ex.param_noise.stddev
         assert late < early / 2  # target dropped from ~0.13 to ~0.02
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "ou", "param", "none"])
+def test_explorer_state_round_trips_through_a_safe_checkpoint(kind, tmp_path):
+    """Continuing from a saved state gives the same actions as never stopping."""
+    torch.manual_seed(0)
+    actor = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    cfgs = (NoiseConfig(kind=kind, sigma=0.2), ScheduleConfig(), EpsilonConfig(start=0.3))
+
+    def make():
+        return Explorer(*cfgs, total_steps=100, n_envs=2, action_dim=2, actor=actor, seed=5)
+
+    obs = torch.randn(2, 3)
+    first = make()
+    for step in range(10):
+        first.act(actor, obs, step)
+        first.adapt(actor, torch.randn(16, 3), step)
+    first.on_episode_end(actor, np.array([True, False]))
+    path = tmp_path / "explorer.pt"
+    torch.save(first.state_dict(), path)
+    expected = [first.act(actor, obs, step) for step in range(10, 20)]
+
+    second = make()
+    second.load_state_dict(torch.load(path, weights_only=True))
+    got = [second.act(actor, obs, step) for step in range(10, 20)]
+    for a, b in zip(expected, got, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -450,6 +450,46 @@ class Explorer:
         distance = self.param_noise.distance(actor, self._adaptive, obs_batch)
         self.param_noise.adapt(distance, self.sigma(step))
         self._last_distance = distance
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: RNG streams, OU state, param-noise copies.
+
+        Plain containers and tensors only, so a checkpoint loads with ``weights_only=True``.
+        """
+        state: dict[str, Any] = {
+            "kind": self.kind,
+            "noise_rng": self._noise_rng.bit_generator.state,
+            "epsilon_rng": self._epsilon_rng.bit_generator.state,
+            "last_adapt_step": self._last_adapt_step,
+            "last_distance": self._last_distance,
+        }
+        if isinstance(self.noise, OrnsteinUhlenbeckNoise):
+            state["ou_state"] = torch.from_numpy(self.noise.state.copy())
+        if self.param_noise is not None:
+            assert self._perturbed is not None and self._adaptive is not None
+            state["param_stddev"] = self.param_noise.stddev
+            state["param_generator"] = self.param_noise.generator.get_state()
+            state["perturbed"] = self._perturbed.state_dict()
+            state["adaptive"] = self._adaptive.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("kind") != self.kind:
+            raise ValueError(
+                f"exploration state is for noise kind {state.get('kind')!r}, not {self.kind!r}"
+            )
+        self._noise_rng.bit_generator.state = state["noise_rng"]
+        self._epsilon_rng.bit_generator.state = state["epsilon_rng"]
+        self._last_adapt_step = state["last_adapt_step"]
+        self._last_distance = state["last_distance"]
+        if isinstance(self.noise, OrnsteinUhlenbeckNoise):
+            self.noise.state[...] = state["ou_state"].numpy()
+        if self.param_noise is not None:
+            assert self._perturbed is not None and self._adaptive is not None
+            self.param_noise.stddev = float(state["param_stddev"])
+            self.param_noise.generator.set_state(state["param_generator"])
+            self._perturbed.load_state_dict(state["perturbed"])
+            self._adaptive.load_state_dict(state["adaptive"])
 
     def metrics(self, step: int) -> dict[str, float]:
         """Exploration scalars for the tracker at ``step``."""
