@@ -234,3 +234,18 @@ def test_cli_train_and_multirun(tmp_path):
     )
     assert sorted(r.data.tags["workbench.seed"] for r in runs) == ["0", "1"]
     assert len({r.data.tags["workbench.sweep"] for r in runs}) == 1
+
+
+@pytest.mark.parametrize(
+    ("uri", "message"),
+    [
+        ("http://127.0.0.1:9", "cannot reach the MLflow tracking server http://127.0.0.1:9"),
+        ("postgresql://me:hunter22@127.0.0.1:9/db", "postgresql://me:***@127.0.0.1:9/db"),
+    ],
+)
+def test_unreachable_tracking_store_is_said_plainly(tmp_path, uri, message):
+    proc = _cli(["train", f"tracking.uri={uri}", *TINY], tmp_path)
+    assert proc.returncode == 2
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "hunter22" not in proc.stderr + proc.stdout

@@ -4,6 +4,8 @@
     workbench eval RUN_ID [--video PATH]   evaluate a logged policy
     workbench ui                           MLflow UI on the embedded store (127.0.0.1)
     workbench learning-check               the Pendulum learning benchmark (JSON)
+    workbench tune SPEC [--workers K]      run/resume an Optuna study (see workbench.tuning)
+    workbench study-report NAME            report on a study; tune-bench: its benchmark
 
 ``train`` hands its arguments to Hydra unchanged, so everything Hydra accepts works there
 (``--cfg job``, ``--help``, ``-m``, ``+experiment=...``).
@@ -43,6 +45,7 @@ def _train_task(raw: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from workbench.config import ConfigError, to_config, validate
+    from workbench.tracking import TrackingError
     from workbench.train import train
 
     try:
@@ -57,7 +60,11 @@ def _train_task(raw: Any) -> None:
     if str(hc.mode) == "RunMode.MULTIRUN":
         tags["workbench.sweep"] = str(hc.sweep.dir)
         tags["workbench.sweep_job"] = str(hc.job.num)
-    result = train(cfg, tags=tags)
+    try:
+        result = train(cfg, tags=tags)
+    except TrackingError as err:
+        print(f"workbench: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     print(
         json.dumps(
             {
@@ -231,9 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
 
     from workbench import ablation, compare
+    from workbench.tuning import commands as tuning_commands
 
     ablation.register(sub)
     compare.register(sub)
+    tuning_commands.register(sub)  # tune, study-report, tune-bench
     return parser
 
 
