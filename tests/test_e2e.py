@@ -105,6 +105,26 @@ def test_logged_policy_loads_in_one_call_and_runs_without_training_code(store, t
     assert torch.allclose(module(batch), policy.module(batch))
 
 
+def test_policy_loading_never_unpickles(store, tmp_path):
+    import shutil
+
+    result = train(_cfg(store, "agent.layer_norm=true", "agent.activation=tanh"))
+    folder = tmp_path / "policy"
+    shutil.copytree(next(store[0].rglob("weights.pt")).parent, folder)
+    policy = load_policy(folder)
+    assert policy.spec["architecture"]["layer_norm"] is True
+    assert policy.spec["architecture"]["activation"] == "tanh"
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("code ran",))
+
+    torch.save({"actor.net.0.weight": Evil()}, folder / "weights.pt")
+    with pytest.raises(ValueError, match="does not load as this policy's weights"):
+        load_policy(folder)
+    assert result.status == "FINISHED"
+
+
 def test_eval_command_prints_json_for_a_run(store, tmp_path):
     result = train(_cfg(store))
     video = tmp_path / "v.mp4"

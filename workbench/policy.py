@@ -1,14 +1,16 @@
 """The final policy as a standalone artifact.
 
-A run's ``policy/`` artifact holds ``policy.pt2`` — a ``torch.export`` program mapping raw
-observations to env actions, with observation normalization and action rescaling baked in —
-and ``spec.json`` describing the env it was trained on. Loading needs torch alone:
+A run's ``policy/`` artifact holds:
 
-    policy = torch.export.load("policy.pt2").module()
-    action = policy(torch.as_tensor(obs, dtype=torch.float32)[None])[0]
+- ``weights.pt``: the policy's tensors (actor, observation statistics, action scale), read
+  with ``torch.load(weights_only=True)``, which never unpickles code;
+- ``spec.json``: the env it was trained on and the network's architecture;
+- ``policy.pt2``: the same policy as a ``torch.export`` program, for deployment without any
+  Python class. ``torch.export.load`` may unpickle parts of the file, so load only ``.pt2``
+  files you trust.
 
-``workbench.policy.load_policy(run_id)`` does the download and the load in one call.
-Neither path unpickles arbitrary objects.
+``workbench.policy.load_policy(run_id or folder)`` downloads (for a run id), rebuilds the
+network from ``spec.json`` and loads ``weights.pt`` safely: one call, no training code.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from workbench.networks import _ACTIVATIONS, Actor, ObsNormalizer
+
 POLICY_FILE = "policy.pt2"
+WEIGHTS_FILE = "weights.pt"
 SPEC_FILE = "spec.json"
 ARTIFACT_DIR = "policy"
 
@@ -46,9 +51,40 @@ class ExportedPolicy(nn.Module):
         return self.actor(self.obs_norm(obs)) * self.scale + self.bias
 
 
+def describe(actor: Actor, obs_norm: ObsNormalizer) -> dict[str, Any]:
+    """The architecture of an actor and normalizer, enough to rebuild them from weights."""
+    linears = [m for m in actor.net if isinstance(m, nn.Linear)]
+    names = {cls: name for name, cls in _ACTIVATIONS.items()}
+    activation = next(names[type(m)] for m in actor.net if type(m) in names)
+    return {
+        "hidden": [m.out_features for m in linears[:-1]],
+        "activation": activation,
+        "layer_norm": any(isinstance(m, nn.LayerNorm) for m in actor.net),
+        "normalize_obs": obs_norm.enabled,
+        "obs_clip": obs_norm.clip,
+    }
+
+
+def build(spec: dict[str, Any]) -> ExportedPolicy:
+    """An untrained policy module with the architecture ``spec`` describes."""
+    arch = spec["architecture"]
+    obs_dim, action_dim = int(spec["obs_dim"]), int(spec["action_dim"])
+    actor = Actor(
+        obs_dim,
+        action_dim,
+        arch["hidden"],
+        activation=arch["activation"],
+        layer_norm=arch["layer_norm"],
+    )
+    norm = ObsNormalizer(obs_dim, enabled=arch["normalize_obs"], clip=arch["obs_clip"])
+    low = np.asarray(spec["action_low"], dtype=np.float32)
+    high = np.asarray(spec["action_high"], dtype=np.float32)
+    return ExportedPolicy(actor, norm, low, high).eval()
+
+
 def save_policy(
-    actor: nn.Module,
-    obs_norm: nn.Module,
+    actor: Actor,
+    obs_norm: ObsNormalizer,
     low: np.ndarray,
     high: np.ndarray,
     spec: dict[str, Any],
@@ -59,6 +95,8 @@ def save_policy(
     module = ExportedPolicy(
         copy.deepcopy(actor).cpu().eval(), copy.deepcopy(obs_norm).cpu().eval(), low, high
     ).eval()
+    spec = {**spec, "architecture": describe(actor, obs_norm)}
+    torch.save(module.state_dict(), out_dir / WEIGHTS_FILE)
     obs_dim = int(spec["obs_dim"])
     example = torch.zeros(2, obs_dim, dtype=torch.float32)
     program = torch.export.export(
@@ -90,13 +128,22 @@ def load_policy_dir(path: str | Path) -> LoadedPolicy:
     path = Path(path)
     if path.is_file():
         path = path.parent
-    policy_file, spec_file = path / POLICY_FILE, path / SPEC_FILE
-    if not policy_file.is_file() or not spec_file.is_file():
+    weights_file, spec_file = path / WEIGHTS_FILE, path / SPEC_FILE
+    if not weights_file.is_file() or not spec_file.is_file():
         raise FileNotFoundError(
-            f"no exported policy in {path} (expected {POLICY_FILE}, {SPEC_FILE})"
+            f"no saved policy in {path} (expected {WEIGHTS_FILE} and {SPEC_FILE})"
         )
-    module = torch.export.load(policy_file).module()
-    return LoadedPolicy(module=module, spec=json.loads(spec_file.read_text()))
+    spec = json.loads(spec_file.read_text())
+    module = build(spec)
+    try:
+        state = torch.load(weights_file, map_location="cpu", weights_only=True)
+        module.load_state_dict(state)
+    except Exception as err:
+        first = str(err).strip().splitlines()[0]
+        raise ValueError(
+            f"{weights_file} does not load as this policy's weights: {first}"
+        ) from None
+    return LoadedPolicy(module=module, spec=spec)
 
 
 def load_policy(run_or_path: str | Path, *, tracking_uri: str | None = None) -> LoadedPolicy:
