@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from workbench.envs import (
+    EpisodeSeeds,
     TimeFeatureWrapper,
     check_env_id,
     ensure_registered,
@@ -182,8 +183,9 @@ def test_time_feature_matches_bullet_default_limit() -> None:
 
 
 def _single_env_rollout(env_id: str, seed: int, actions: np.ndarray, **kwargs: object) -> dict:
-    """Step one env by hand, resetting (unseeded) after each episode, as a reference."""
-    env = make_env(env_id, **kwargs)  # type: ignore[arg-type]
+    """Step one env by hand, resetting after each episode, as a reference (episodes seeded
+    from (seed, episode number), as the vector envs' sub-envs are)."""
+    env = EpisodeSeeds(make_env(env_id, **kwargs))  # type: ignore[arg-type]
     env.reset(seed=seed)
     rec: dict[str, list] = {"obs": [], "next": [], "reward": [], "term": [], "trunc": []}
     episodes: list[tuple[int, float, int]] = []
@@ -330,3 +332,20 @@ def test_async_matches_sync(env_id: str, kwargs: dict, n_steps: int) -> None:
     for t, i, _, n in out["episodes"]:
         assert ended[t, i]
         assert n >= 1
+
+
+def test_episode_seeds_make_any_episode_reproducible() -> None:
+    """Episode k of env i starts from a state fixed by (seed + i, k): a fresh vector env set
+    to episode k and reset starts where the original one did."""
+    envs = make_vec_env("Pendulum-v1", 2, seed=0, max_episode_steps=5)
+    envs.reset(seed=3)
+    for _ in range(10):  # two whole episodes
+        obs, *_ = envs.step(np.zeros((2, 1), np.float32))
+    assert envs.get_attr("episode") == (3, 3)
+    fresh = make_vec_env("Pendulum-v1", 2, seed=0, max_episode_steps=5)
+    fresh.reset(seed=3)
+    fresh.set_attr("episode", [2, 2])
+    again, _ = fresh.reset()
+    np.testing.assert_array_equal(obs, again)
+    envs.close()
+    fresh.close()

@@ -159,6 +159,30 @@ class BulletFirstReset(gym.Wrapper):
         return self.env.reset(**kwargs)
 
 
+class EpisodeSeeds(gym.Wrapper):
+    """Seed every episode from (base seed, episode number), not from the env's own stream.
+
+    ``reset(seed=s)`` sets the base (a vector env passes seed + i to env i); every later reset
+    draws its seed from (base, episode). An episode's start is then a function of the run
+    seed, the env index and the episode number, so a resumed run can put each env back at
+    exactly the start of the episode it was in (set ``episode`` and reset).
+    """
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.base = 0
+        self.episode = 0  # index of the next episode to start
+
+    def reset(
+        self, *, seed: int | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[Any, dict[str, Any]]:
+        if seed is not None:
+            self.base, self.episode = int(seed), 0
+        seq = np.random.SeedSequence([self.base, self.episode])
+        self.episode += 1
+        return self.env.reset(seed=int(seq.generate_state(1)[0]), options=options)
+
+
 def _is_bullet(env: gym.Env) -> bool:
     return type(env.unwrapped).__module__.startswith(_BULLET_MODULE)
 
@@ -258,7 +282,7 @@ def _make_recorded_env(
         time_feature=time_feature,
         env_kwargs=env_kwargs,
     )
-    return gym.wrappers.RecordEpisodeStatistics(env)
+    return gym.wrappers.RecordEpisodeStatistics(EpisodeSeeds(env))
 
 
 def _default_context() -> str:
