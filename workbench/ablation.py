@@ -178,46 +178,37 @@ def plan(spec: AblationSpec) -> list[Job]:
     return jobs
 
 
-def run_job(job: Job, ablation: str, parent_run_id: str | None) -> dict[str, Any]:
-    """One variant x seed in a worker process; failures are reported, not raised."""
+def run_jobs(jobs: Sequence[Job], ablation: str, parent_run_id: str | None) -> None:
+    """One worker process: its share of the grid, one run after another.
+
+    A failing run is logged and ends FAILED in MLflow (train() sees to that); the worker
+    goes on with its next job. MLflow is the record of what finished.
+    """
     from workbench.cli import _setup_logging
     from workbench.tracking import make_tracker
     from workbench.train import train
 
     _setup_logging()
-    cfg = compose(list(job.overrides))
-    tracker = make_tracker(
-        cfg.tracking, run_name=f"{job.variant}-s{job.seed}", parent_run_id=parent_run_id
-    )
-    tags = {ABLATION_TAG: ablation, VARIANT_TAG: job.variant, ROLE_TAG: "child"}
-    try:
-        result = train(cfg, tracker, tags=tags)
-    except Exception as err:
-        return {"variant": job.variant, "seed": job.seed, "status": "FAILED", "error": str(err)}
-    return {
-        "variant": job.variant,
-        "seed": job.seed,
-        "status": result.status,
-        "run_id": result.run_id,
-        "final": result.final_return_mean,
-    }
-
-
-def _run_jobs(
-    jobs: Sequence[Job], ablation: str, parent_run_id: str | None, workers: int
-) -> list[dict[str, Any]]:
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor
-
-    if not jobs:
-        return []
-    with ProcessPoolExecutor(max(1, workers), mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(run_job, job, ablation, parent_run_id) for job in jobs]
+    for job in jobs:
+        cfg = compose(list(job.overrides))
+        tracker = make_tracker(
+            cfg.tracking, run_name=f"{job.variant}-s{job.seed}", parent_run_id=parent_run_id
+        )
+        tags = {ABLATION_TAG: ablation, VARIANT_TAG: job.variant, ROLE_TAG: "child"}
         try:
-            return [f.result() for f in futures]
-        except KeyboardInterrupt:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
+            train(cfg, tracker, tags=tags)
+        except Exception as err:
+            log.error("%s seed %d failed: %s", job.variant, job.seed, err)
+
+
+def _run_jobs(jobs: Sequence[Job], ablation: str, parent_run_id: str | None, workers: int) -> None:
+    """The grid over ``workers`` processes (the study runner's pool), round robin."""
+    from workbench.parallel import run_processes
+
+    k = max(1, min(workers, len(jobs)))
+    shares = [(list(jobs[i::k]), ablation, parent_run_id) for i in range(k)]
+    if jobs:
+        run_processes(run_jobs, shares, name="ablation")
 
 
 def _finished_children(uri: str, spec: AblationSpec) -> list[RunRecord]:
@@ -229,6 +220,10 @@ def _finished_children(uri: str, spec: AblationSpec) -> list[RunRecord]:
             "and attributes.status = 'FINISHED'"
         ),
     )
+
+
+def _key(run: RunRecord) -> tuple[str | None, str | None]:
+    return run.tags.get("workbench.config_hash"), run.tags.get("workbench.seed")
 
 
 def _parent_run(uri: str, spec: AblationSpec) -> RunRecord | None:
@@ -249,9 +244,10 @@ class AblationResult:
     parent_run_id: str | None
     ran: int
     skipped: int
-    failed: list[dict[str, Any]]
+    failed: list[Job]
     scores: dict[str, list[float]]  # variant -> final eval return per seed
     curves: dict[str, tuple[list[int], np.ndarray, np.ndarray, np.ndarray]]
+    finished: set[tuple[str | None, str | None]] = field(default_factory=set)
     rows: list[dict[str, Any]] = field(default_factory=list)
     files: dict[str, Path] = field(default_factory=dict)
 
@@ -280,10 +276,7 @@ def run_ablation(
         if spec.path is not None:
             parent.log_artifact(spec.path, "spec")
         jobs = plan(spec)
-        done = {
-            (r.tags.get("workbench.config_hash"), r.tags.get("workbench.seed"))
-            for r in _finished_children(uri, spec)
-        }
+        done = {_key(r) for r in _finished_children(uri, spec)}
         todo = [j for j in jobs if (j.config_hash, str(j.seed)) not in done]
         log.info(
             "ablation %s: %d runs, %d already finished, %d to run with %d worker(s)",
@@ -293,18 +286,21 @@ def run_ablation(
             len(todo) if run else 0,
             workers,
         )
-        outcomes = _run_jobs(todo, spec.name, parent.run_id, workers) if run else []
-        failed = [o for o in outcomes if o["status"] != "FINISHED"]
+        if run:
+            _run_jobs(todo, spec.name, parent.run_id, workers)
+        else:
+            todo = []
         result = _collect(uri, spec, jobs)
+        failed = [j for j in todo if (j.config_hash, str(j.seed)) not in result.finished]
         result.parent_run_id = parent.run_id
-        result.ran, result.skipped, result.failed = len(outcomes), len(jobs) - len(todo), failed
+        result.ran, result.skipped, result.failed = len(todo), len(jobs) - len(todo), failed
         _report(result, parent, out_dir or Path(spec.tracking_dir) / "ablations" / spec.name)
     except BaseException as err:
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         parent.end(status, f"{type(err).__name__}: {err}")
         raise
     if failed:
-        parent.end("FAILED", f"{len(failed)} of {len(outcomes)} runs failed; re-run to redo them")
+        parent.end("FAILED", f"{len(failed)} of {len(todo)} runs failed; re-run to redo them")
     else:
         parent.end("FINISHED")
     return result
@@ -313,8 +309,9 @@ def run_ablation(
 def _collect(uri: str, spec: AblationSpec, jobs: Sequence[Job]) -> AblationResult:
     wanted = {(j.config_hash, str(j.seed)): j for j in jobs}
     by_variant: dict[str, list[RunRecord]] = {v: [] for v in spec.variants}
-    for run in _finished_children(uri, spec):
-        job = wanted.get((run.tags.get("workbench.config_hash"), run.tags.get("workbench.seed")))
+    finished = _finished_children(uri, spec)
+    for run in finished:
+        job = wanted.get(_key(run))
         if job is not None and SCORE_METRIC in run.metrics:
             by_variant[job.variant].append(run)
     scores: dict[str, list[float]] = {}
@@ -328,7 +325,7 @@ def _collect(uri: str, spec: AblationSpec, jobs: Sequence[Job]) -> AblationResul
         if steps:
             matrix = np.array([[h.get(s, math.nan) for s in steps] for h in histories])
             curves[variant] = (steps, *stats.curve_band(matrix, "iqm"))
-    return AblationResult(spec, None, 0, 0, [], scores, curves)
+    return AblationResult(spec, None, 0, 0, [], scores, curves, {_key(r) for r in finished})
 
 
 # ----------------------------------------------------------------------------- report

@@ -1,0 +1,255 @@
+"""Studies end to end with tiny runs: pruning, failures, workers, resume, kill -9, export."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState, create_trial
+from tuning_helpers import tiny_spec, write_spec
+
+from workbench.cli import main
+from workbench.config import compose, conf_dir
+from workbench.tracking import embedded_uri
+from workbench.tuning.export import PRESET_EXCLUDED, recheck, trial_overrides
+from workbench.tuning.objective import Objective, TrialFailed
+from workbench.tuning.runner import prepare, resolve_target, run_study, storage_for
+from workbench.tuning.spec import parse_spec
+from workbench.tuning.study import (
+    ENV_STEPS,
+    FAIL_REASON,
+    MLFLOW_RUN,
+    PARENT_ATTR,
+    PRUNE_REASON,
+    counts,
+)
+
+
+def _spec(tmp_path, **changes):
+    return parse_spec(yaml.safe_dump(tiny_spec(tmp_path, **changes)))
+
+
+def _client(tmp_path):
+    return MlflowClient(embedded_uri(tmp_path / "mlruns"))
+
+
+def _runs(tmp_path, experiment):
+    client = _client(tmp_path)
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], max_results=1000)
+
+
+def _load(spec):
+    target = resolve_target(spec)
+    return optuna.load_study(study_name=spec.name, storage=storage_for(spec, target))
+
+
+def test_pruner_stops_a_bad_trial_before_its_last_step(tmp_path):
+    spec = _spec(tmp_path, pruner={"name": "median", "n_startup_trials": 1})
+    study, _ = prepare(spec)
+    # A finished trial far better at every step: the real run is below the median.
+    dist = {"agent.tau": optuna.distributions.FloatDistribution(0.001, 0.05, log=True)}
+    study.add_trial(
+        create_trial(
+            value=0.0,
+            params={"agent.tau": 0.01},
+            distributions=dist,
+            intermediate_values={s: 0.0 for s in (100, 200, 300, 400)},
+        )
+    )
+    study.optimize(Objective(spec, parent_run_id=None, n_trials=None), n_trials=1)
+    trial = study.trials[-1]
+    assert trial.state == TrialState.PRUNED
+    assert trial.user_attrs[ENV_STEPS] < spec.steps  # it really stopped early
+    assert trial.user_attrs[PRUNE_REASON].startswith("pruned at step 100")
+    assert list(trial.intermediate_values) == [100]
+    by_name = {r.info.run_name: r for r in _runs(tmp_path, "study-tiny")}
+    seed_run = by_name[f"trial-{trial.number:04d}-s0"]
+    assert seed_run.info.status == "KILLED"
+    assert seed_run.data.tags["workbench.status_reason"].startswith("pruned at step 100")
+    trial_run = by_name[f"trial-{trial.number:04d}"]
+    assert trial_run.data.tags["workbench.trial_state"] == "pruned"
+    assert trial_run.info.status == "KILLED"
+
+
+def test_a_diverging_trial_is_failed_with_its_reason_and_the_study_goes_on(tmp_path):
+    space = {"agent.critic_lr": {"type": "categorical", "choices": [0.001, 1.0e30]}}
+    spec = _spec(tmp_path, space=space)
+    study, _ = prepare(spec)
+    study.enqueue_trial({"agent.critic_lr": 1.0e30})
+    study.enqueue_trial({"agent.critic_lr": 0.001})
+    out = run_study(spec)
+    trials = out.study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.COMPLETE]
+    assert "DivergenceError" in trials[0].user_attrs[FAIL_REASON]
+    assert all(counts(t) for t in trials)
+    runs = {r.info.run_name: r for r in _runs(tmp_path, "study-tiny")}
+    assert runs["trial-0000"].info.status == "FAILED"
+    assert runs["trial-0000"].data.tags["workbench.trial_state"] == "failed"
+    assert "DivergenceError" in runs["trial-0000"].data.tags["workbench.status_reason"]
+    assert runs["trial-0001"].data.tags["workbench.trial_state"] == "complete"
+    assert runs["study-tiny"].info.status == "FINISHED"
+
+    # the top trial re-trained on a fresh seed, beside its search score
+    rows = recheck(out.study, spec, top_k=1, n_seeds=1, parent_run_id=out.parent_run_id)
+    assert [(r["trial"], r["recheck_seeds"]) for r in rows] == [(1, [1000])]
+    assert rows[0]["search_value"] == trials[1].value
+    again = {r.info.run_name: r for r in _runs(tmp_path, "study-tiny")}
+    assert again["recheck-trial-0001-s1000"].data.tags["workbench.role"] == "recheck"
+
+
+def test_two_workers_share_a_study_resume_adds_trials_and_the_preset_reproduces(
+    tmp_path, monkeypatch, capsys
+):
+    path = write_spec(tmp_path, tiny_spec(tmp_path, enqueue_base=True, n_trials=3))
+    assert main(["tune", str(path), "--workers", "2"]) == 0
+    spec = parse_spec(path.read_text())
+    study = _load(spec)
+    assert sorted(t.number for t in study.trials if counts(t)) == [0, 1, 2]
+    assert study.trials[0].params == {"noise": "gaussian", "agent.tau": 0.005}  # the preset
+    parent = study.user_attrs[PARENT_ATTR]
+    runs_before = {r.info.run_name for r in _runs(tmp_path, "study-tiny")}
+    assert {"trial-0000", "trial-0001", "trial-0002", "trial-0000-s0"} <= runs_before
+
+    # resume: the same command with a larger count adds one trial, same parent run
+    assert main(["tune", str(path), "--trials", "4"]) == 0
+    study = _load(spec)
+    assert sorted(t.number for t in study.trials if counts(t)) == [0, 1, 2, 3]
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]
+    assert study.user_attrs[PARENT_ATTR] == parent
+
+    # the run tree: study parent, trial children with tags, seed runs under their trial
+    client = _client(tmp_path)
+    runs = {r.info.run_name: r for r in _runs(tmp_path, "study-tiny")}
+    assert runs["study-tiny"].info.run_id == parent
+    assert runs["study-tiny"].info.status == "FINISHED"
+    for n in range(4):
+        tr = runs[f"trial-{n:04d}"]
+        assert tr.data.tags["mlflow.parentRunId"] == parent
+        assert tr.data.tags["workbench.study"] == "tiny"
+        assert tr.data.tags["workbench.trial"] == str(n)
+        assert tr.data.tags["workbench.trial_state"] in ("complete", "pruned")
+        assert "agent.tau" in tr.data.params
+        sr = runs[f"trial-{n:04d}-s0"]
+        assert sr.data.tags["mlflow.parentRunId"] == tr.info.run_id
+        assert sr.data.tags["workbench.seed"] == "0"
+        curve = client.get_metric_history(tr.info.run_id, "eval/return_mean")
+        assert [m.step for m in curve] == [100, 200, 300, 400]
+    best = client.get_metric_history(parent, "study/best_value")
+    assert sorted(m.step for m in best) == [0, 1, 2, 3]
+    files = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/trials.csv", "report/optimization_history.png"} <= files
+    capsys.readouterr()
+
+    # export through study-report, into a copy of the config tree, and compose it back
+    conf = tmp_path / "conf"
+    shutil.copytree(conf_dir(), conf)
+    monkeypatch.setenv("WORKBENCH_CONF", str(conf))
+    code = main(["study-report", "tiny", "--dir", str(tmp_path / "mlruns"), "--export"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "best: trial" in out and "top 4 trials" in out
+    preset = conf / "experiment" / "tiny_best.yaml"
+    assert preset.is_file()
+    best_trial = max(
+        (t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.value
+    )
+    want = compose(trial_overrides(spec, best_trial))
+    got = compose(["+experiment=tiny_best"])
+    for section in ("env", "agent", "noise", "schedule", "epsilon", "eval"):
+        assert getattr(got, section) == getattr(want, section), section
+    assert (got.seed, got.total_steps) == (want.seed, want.total_steps)
+    assert not set(PRESET_EXCLUDED) & set(yaml.safe_load(preset.read_text()))
+
+
+def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_study_finishes(tmp_path):
+    spec_dict = tiny_spec(tmp_path, n_trials=2, heartbeat={"interval": 1, "grace_period": 3})
+    path = write_spec(tmp_path, spec_dict)
+    spec = parse_spec(path.read_text())
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "tune", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        victim = None
+        while time.monotonic() < deadline and victim is None:
+            time.sleep(0.2)
+            db = tmp_path / "mlruns" / "optuna" / "tiny.db"
+            if not db.exists():
+                continue
+            try:
+                trials = _load(spec).trials
+            except Exception:
+                continue
+            running = [t for t in trials if t.state == TrialState.RUNNING]
+            if running and MLFLOW_RUN in running[0].user_attrs:
+                victim = running[0]
+        assert victim is not None, "no trial started"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stuck = [t for t in _load(spec).trials if t.state == TrialState.RUNNING]
+    assert [t.number for t in stuck] == [victim.number]  # what kill -9 leaves behind
+
+    out = run_study(spec)
+    trials = out.study.trials
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert sum(counts(t) for t in trials) == 2
+    dead = trials[victim.number]
+    assert dead.state == TrialState.FAIL and not counts(dead)
+    retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+    assert retried and retried[0].params == victim.params  # re-run with the same params
+    run = _client(tmp_path).get_run(victim.user_attrs[MLFLOW_RUN])
+    assert run.info.status == "FAILED"
+    assert "heartbeat" in run.data.tags["workbench.status_reason"]
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
+def test_objective_records_unusable_config_as_a_failure(tmp_path):
+    spec = _spec(
+        tmp_path, space={"agent.batch_size": {"type": "int", "low": 300000, "high": 300001}}
+    )
+    study, _ = prepare(spec)
+    with pytest.raises(TrialFailed):
+        Objective(spec, parent_run_id=None, n_trials=None)(study.ask())
+    trial = study.trials[-1]
+    assert "must not exceed agent.buffer_size" in trial.user_attrs[FAIL_REASON]
+
+
+def test_report_only_and_missing_study(tmp_path, capsys):
+    assert main(["study-report", "nothing", "--dir", str(tmp_path / "mlruns")]) == 2
+    assert "no study 'nothing'" in capsys.readouterr().err
+    assert not Path(tmp_path / "mlruns" / "optuna" / "nothing.db").exists()
+
+
+def test_trials_that_break_for_other_reasons_do_not_count_and_stop_the_worker(
+    tmp_path, monkeypatch
+):
+    from workbench.tuning import objective as objective_mod
+    from workbench.tuning.objective import MAX_CONSECUTIVE_ERRORS, StudyError
+    from workbench.tuning.study import ERROR_ATTR
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("simulator crashed")
+
+    monkeypatch.setattr(objective_mod, "train", broken)
+    spec = _spec(tmp_path, n_trials=5)
+    with pytest.raises(StudyError, match="simulator crashed"):
+        run_study(spec)
+    trials = _load(spec).trials
+    assert len(trials) == MAX_CONSECUTIVE_ERRORS
+    assert all(t.state == TrialState.FAIL and not counts(t) for t in trials)
+    assert all("RuntimeError: simulator crashed" in t.user_attrs[ERROR_ATTR] for t in trials)

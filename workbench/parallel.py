@@ -1,0 +1,118 @@
+"""Run K worker processes that each call a function; propagate Ctrl-C/SIGTERM; collect exit codes.
+
+Processes, not threads: training is CPU-bound Python and the GIL would serialize threads.
+The spawn start method gives every worker a fresh interpreter (no forked torch threads,
+sqlite connections or MLflow writer threads inherited from the parent).
+
+Signals. Ctrl-C on a terminal reaches the whole process group; SIGTERM reaches only the
+parent, which forwards it. Either way each worker sees one ``KeyboardInterrupt`` (later
+signals are ignored so its clean-up — ending MLflow runs, failing the Optuna trial — is not
+cut short), and exits 130. The parent waits ``grace_s`` for workers to finish, kills what is
+left, and raises ``KeyboardInterrupt`` itself once they are all reaped.
+
+Exit codes: 0 done, 130 interrupted, 1 an exception (its traceback printed by the worker),
+or the code a worker passed to ``sys.exit``; a negative code is the signal that killed it.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+INTERRUPTED = 130
+
+
+def _worker_signals() -> None:
+    state = {"seen": False}
+
+    def handler(signum: int, _frame: Any) -> None:
+        if state["seen"]:
+            return  # already stopping: let clean-up finish
+        state["seen"] = True
+        raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+
+
+def _entry(target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    _worker_signals()
+    code = 0
+    try:
+        result = target(*args)
+        if isinstance(result, int) and not isinstance(result, bool):
+            code = result
+    except KeyboardInterrupt:
+        code = INTERRUPTED
+    except SystemExit as err:
+        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # skip the interpreter's teardown of half-stopped threads
+
+
+def run_processes(
+    target: Callable[..., Any],
+    args_list: Sequence[tuple[Any, ...]],
+    *,
+    name: str = "worker",
+    grace_s: float = 60.0,
+    poll_s: float = 0.2,
+) -> list[int]:
+    """Start ``target(*args)`` in one spawned process per entry of ``args_list``; wait for all.
+
+    ``target`` must be importable (a module-level function) and its arguments picklable.
+    Returns the exit codes in order; raises KeyboardInterrupt after a Ctrl-C/SIGTERM once
+    every worker has exited.
+    """
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=_entry, args=(target, tuple(args)), name=f"{name}-{i}")
+        for i, args in enumerate(args_list)
+    ]
+    interrupted = {"at": None}
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        if interrupted["at"] is None:
+            interrupted["at"] = time.monotonic()
+            for p in procs:
+                if p.pid is not None and p.is_alive():
+                    os.kill(p.pid, signal.SIGTERM)
+
+    old: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():  # handlers live there only
+        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in old:
+            signal.signal(s, on_signal)
+    try:
+        for p in procs:
+            p.start()
+        while any(p.is_alive() for p in procs):
+            if interrupted["at"] is not None and time.monotonic() - interrupted["at"] > grace_s:
+                for p in procs:
+                    if p.is_alive():
+                        p.kill()
+            time.sleep(poll_s)
+        for p in procs:
+            p.join()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        for p in procs:  # an exception above must not leave orphans
+            if p.is_alive():
+                p.kill()
+                p.join()
+    codes = [int(p.exitcode) if p.exitcode is not None else 1 for p in procs]
+    if interrupted["at"] is not None:
+        raise KeyboardInterrupt(f"interrupted; worker exit codes {codes}")
+    return codes

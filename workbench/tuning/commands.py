@@ -1,0 +1,278 @@
+"""CLI subcommands of the study runner (registered into ``workbench`` by ``register``).
+
+workbench tune SPEC [--workers K] [--trials N] [--timeout S] [--storage URL]
+                    [--tracking-uri URI] [--report] [--export [PATH]] [--recheck K]
+workbench study-report NAME|SPEC [--storage URL] [--dir mlruns] [--export [PATH]] [--recheck K]
+workbench tune-bench [...]          pruning and worker-scaling benchmark (JSON)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+def _positive(kind: type, minimum: float) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be a number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r}: must be >= {minimum}")
+        return value
+
+    return parse
+
+
+def _add_followups(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--export",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="PATH",
+        help="write the best trial as a preset (default conf/experiment/<study>_best.yaml)",
+    )
+    p.add_argument(
+        "--recheck",
+        type=_positive(int, 1),
+        default=0,
+        metavar="K",
+        help="re-train the top K trials on fresh seeds and report both scores",
+    )
+    p.add_argument("--recheck-seeds", type=_positive(int, 1), default=3, metavar="N")
+    p.add_argument("--out", type=Path, default=None, help="report folder")
+    p.add_argument("--top", type=_positive(int, 1), default=15, help="trials in the terminal table")
+
+
+def register(sub: Any) -> None:
+    """Add ``tune``, ``study-report`` and ``tune-bench`` (each sets its ``handler``)."""
+    from workbench.tuning import bench
+
+    p = sub.add_parser("tune", help="run, resume or join an Optuna study: workbench tune SPEC")
+    p.add_argument("spec", type=Path, help="study spec, e.g. studies/pendulum_ddpg.yaml")
+    p.add_argument("--workers", type=_positive(int, 1), default=1, help="local worker processes")
+    p.add_argument("--trials", type=_positive(int, 1), default=None, help="override n_trials")
+    p.add_argument("--timeout", type=_positive(float, 1e-9), default=None, help="seconds")
+    p.add_argument("--storage", default=None, help="Optuna storage URL (postgresql://...)")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI for this study")
+    p.add_argument(
+        "--first-worker",
+        type=_positive(int, 0),
+        default=0,
+        help="index of this machine's first worker (seeds its sampler; give each machine "
+        "a different range)",
+    )
+    p.add_argument("--report", action="store_true", help="only report; run no trials")
+    _add_followups(p)
+    p.set_defaults(handler=cmd_tune)
+
+    p = sub.add_parser("study-report", help="report on a study by name or spec")
+    p.add_argument("study", help="study name (store under --dir) or a spec file")
+    p.add_argument("--storage", default=None, help="Optuna storage URL")
+    p.add_argument("--dir", default="mlruns", help="tracking dir holding optuna/<name>.db")
+    _add_followups(p)
+    p.set_defaults(handler=cmd_study_report)
+
+    p = sub.add_parser("tune-bench", help="pruning / worker-scaling benchmark (prints JSON)")
+    bench.add_arguments(p)
+    p.set_defaults(handler=bench.cmd_bench)
+
+
+def _load(spec_path: Path, tracking_uri: str | None) -> Any:
+    from workbench.tuning.spec import load_spec
+
+    spec = load_spec(spec_path)
+    if tracking_uri:
+        spec = dataclasses.replace(spec, tracking_uri=tracking_uri)
+    return spec
+
+
+def _existing(spec: Any, storage: str | None) -> tuple[Any, Any]:
+    import optuna
+
+    from workbench.tracking import redact
+    from workbench.tuning.runner import resolve_target, storage_for
+
+    target = resolve_target(spec, storage)
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage_for(spec, target))
+    except KeyError:
+        raise ValueError(f"no study {spec.name!r} in {redact(target.storage_url)}") from None
+    return study, target
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from workbench.tracking import TrackingError
+    from workbench.tuning.objective import StudyError
+    from workbench.tuning.runner import run_study
+
+    spec = _load(args.spec, args.tracking_uri)
+    if args.report:
+        study, target = _existing(spec, args.storage)
+        return _finish(study, spec, target, args, codes=[0])
+    try:
+        outcome = run_study(
+            spec,
+            workers=args.workers,
+            storage=args.storage,
+            n_trials=args.trials,
+            timeout=args.timeout,
+            first_worker=args.first_worker,
+            report_dir=args.out,
+        )
+    except TrackingError as err:
+        print(f"workbench: {err}", file=sys.stderr)
+        return 2
+    except StudyError as err:
+        print(f"workbench: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"workbench: interrupted; running trials were marked failed (not counted). "
+            f"Run the same command to resume study {spec.name!r}.",
+            file=sys.stderr,
+        )
+        return 130
+    return _finish(
+        outcome.study,
+        spec,
+        outcome.target,
+        args,
+        codes=outcome.exit_codes,
+        written=outcome.report_dir,
+    )
+
+
+def cmd_study_report(args: argparse.Namespace) -> int:
+    import optuna
+
+    from workbench.tracking import redact
+    from workbench.tuning.spec import parse_spec
+    from workbench.tuning.study import SPEC_ATTR, make_storage
+
+    path = Path(args.study)
+    if path.suffix in (".yaml", ".yml") or path.is_file():
+        spec = _load(path, None)
+        study, target = _existing(spec, args.storage)
+        return _finish(study, spec, target, args, codes=[0])
+    name = args.study
+    url = (
+        args.storage
+        or f"sqlite:///{Path(args.dir).expanduser().resolve() / 'optuna' / f'{name}.db'}"
+    )
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise ValueError(f"no study {name!r}: {redact(url)} does not exist (see --dir, --storage)")
+    try:
+        study = optuna.load_study(
+            study_name=name, storage=make_storage(url, heartbeat_interval=10, grace_period=60)
+        )
+    except KeyError:
+        raise ValueError(f"no study {name!r} in {redact(url)}") from None
+    text = study.user_attrs.get(SPEC_ATTR)
+    if not text:
+        raise ValueError(f"study {name!r} in {redact(url)} was not created by workbench tune")
+    spec = parse_spec(text, source=f"spec stored with study {name!r}")
+    if args.storage:
+        spec = dataclasses.replace(spec, storage=args.storage)
+    from workbench.tuning.runner import resolve_target
+
+    return _finish(study, spec, resolve_target(spec, url), args, codes=[0])
+
+
+def _finish(
+    study: Any,
+    spec: Any,
+    target: Any,
+    args: argparse.Namespace,
+    *,
+    codes: list[int],
+    written: Path | None = None,
+) -> int:
+    """Report (files + terminal), then export and re-check if asked; a JSON line last.
+    ``written``: the report folder the run just wrote and logged (not written twice)."""
+    from workbench.tuning import export, report, runs
+    from workbench.tuning.study import PARENT_ATTR
+
+    out_dir = written or report.write_report(
+        study, spec, args.out or report.default_dir(spec, target)
+    )
+    report.print_report(study, spec, top=args.top, console=_console())
+    parent_id = study.user_attrs.get(PARENT_ATTR)
+    parent = (
+        runs.ParentRun(target.tracking_uri, parent_id)
+        if target.tracking_uri and parent_id
+        else None
+    )
+    if parent is not None and written is None:  # --report / study-report: the newest wins
+        try:
+            parent.log_artifacts(out_dir, "report")
+        except Exception as err:
+            log.warning("could not log the report to run %s: %s", parent_id, err)
+    summary = report.summarize(study, spec)
+    result: dict[str, Any] = {
+        "study": spec.name,
+        "best_trial": summary["best_trial"],
+        "best_value": summary["best_value"],
+        "best_params": summary["best_params"],
+        "n_trials": summary["n_trials"],
+        "states": summary["states"],
+        "env_steps": summary["env_steps"],
+        "report": str(out_dir),
+        "parent_run_id": parent_id,
+        "worker_exit_codes": codes,
+    }
+    if args.export is not None and summary["best_trial"] is not None:
+        path = export.export_best(study, spec, Path(args.export) if args.export else None)
+        result["preset"] = str(path)
+        print(
+            f"best trial written to {path} (workbench train +experiment={path.stem})",
+            file=sys.stderr,
+        )
+    if args.recheck:
+        checked = export.recheck(
+            study, spec, top_k=args.recheck, n_seeds=args.recheck_seeds, parent_run_id=parent_id
+        )
+        _print_recheck(checked)
+        with open(out_dir / "recheck.csv", "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(checked[0]) if checked else ["trial"])
+            w.writeheader()
+            w.writerows(checked)
+        if parent is not None:
+            parent.log_artifacts(out_dir, "report")
+        result["recheck"] = checked
+    print(json.dumps(result, default=str))
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+def _console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=False, width=max(100, Console().width))
+
+
+def _print_recheck(rows: list[dict[str, Any]]) -> None:
+    from rich.table import Table
+
+    t = Table(title="re-check on fresh seeds (the search winner is biased upward)")
+    for col in ("trial", "search value", "fresh-seed value", "difference", "fresh seeds"):
+        t.add_column(col, justify="right")
+    for r in rows:
+        t.add_row(
+            str(r["trial"]),
+            f"{r['search_value']:.2f}",
+            f"{r['recheck_value']:.2f}",
+            f"{r['recheck_value'] - r['search_value']:+.2f}",
+            ",".join(map(str, r["recheck_seeds"])),
+        )
+    _console().print(t)

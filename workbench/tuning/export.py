@@ -1,0 +1,129 @@
+"""Export the best trial as a Hydra preset, and re-check the top trials on fresh seeds.
+
+The preset pins the best trial's *resolved* config (every value, plus the group options it was
+composed from), not just its sampled overrides: it then composes to exactly the trial's config
+no matter which defaults or tuned files change later. Tracking and the progress display are
+left out (where to log is the user's business); the seed is the trial's first seed.
+
+The winner of a noisy search is biased upward (it won partly by luck); re-running the top k
+on seeds the search never saw gives an honest estimate to put beside the search score.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+import yaml
+from omegaconf import OmegaConf
+
+from workbench.config import Config, compose, conf_dir, to_dict
+from workbench.tracking import make_tracker
+from workbench.train import train
+from workbench.tuning import runs
+from workbench.tuning.objective import aggregate, score_curve
+from workbench.tuning.spec import StudySpec
+from workbench.tuning.study import OVERRIDES, best_trial, completed
+
+log = logging.getLogger(__name__)
+
+PRESET_GROUPS = ("env", "agent", "noise", "schedule")
+PRESET_EXCLUDED = ("tracking", "progress")
+
+
+def compose_with_choices(overrides: Sequence[str]) -> tuple[Config, dict[str, str]]:
+    """The composed config and the config-group options Hydra picked (noise -> ou, ...)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        raw = hydra_compose(
+            config_name="config", overrides=list(overrides), return_hydra_config=True
+        )
+    choices = OmegaConf.to_container(raw.hydra.runtime.choices, resolve=True)
+    assert isinstance(choices, dict)
+    return compose(overrides), {str(k): str(v) for k, v in choices.items() if v is not None}
+
+
+def trial_overrides(spec: StudySpec, trial: optuna.trial.FrozenTrial) -> list[str]:
+    """Everything a trial's first-seed run was composed from."""
+    sampled = list(trial.user_attrs.get(OVERRIDES, []))
+    return [*spec.base(), *spec.run_overrides(), *sampled, f"seed={spec.objective.seeds[0]}"]
+
+
+def preset_tree(cfg: Config) -> dict[str, Any]:
+    return {k: v for k, v in to_dict(cfg).items() if k not in PRESET_EXCLUDED}
+
+
+def export_best(study: optuna.Study, spec: StudySpec, out: Path | None = None) -> Path:
+    """Write ``conf/experiment/<study>_best.yaml`` (or ``out``); usable as +experiment=..."""
+    best = best_trial(study)
+    if best is None:
+        raise ValueError(f"study {spec.name!r} has no completed trial to export")
+    cfg, choices = compose_with_choices(trial_overrides(spec, best))
+    path = Path(out) if out is not None else conf_dir() / "experiment" / f"{spec.name}_best.yaml"
+    header = [
+        "# @package _global_",
+        f"# Best trial of study {spec.name!r}: trial {best.number}, value {best.value:.4f}",
+        f"# ({spec.objective.direction} {spec.objective.score} of {spec.objective.metric}, "
+        f"seeds {list(spec.objective.seeds)}). Written {dt.date.today().isoformat()}.",
+        f"# Sampled: {' '.join(best.user_attrs.get(OVERRIDES, [])) or '(none)'}",
+        f"# Reproduce: workbench train +experiment={path.stem}",
+    ]
+    defaults = {"defaults": [{f"override /{g}": choices[g]} for g in PRESET_GROUPS if g in choices]}
+    body = yaml.safe_dump(defaults, sort_keys=False) + "\n"
+    body += yaml.safe_dump(preset_tree(cfg), sort_keys=False, default_flow_style=None)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(header) + "\n" + body)
+    return path
+
+
+def recheck(
+    study: optuna.Study,
+    spec: StudySpec,
+    *,
+    top_k: int,
+    n_seeds: int,
+    parent_run_id: str | None = None,
+    seed_offset: int = 1000,
+) -> list[dict[str, Any]]:
+    """Re-train the top ``top_k`` completed trials on ``n_seeds`` fresh seeds (no pruning)."""
+    obj = spec.objective
+    done = sorted(completed(study), key=lambda t: t.value, reverse=obj.direction == "maximize")[
+        :top_k
+    ]
+    fresh = [max(obj.seeds) + seed_offset + i for i in range(n_seeds)]
+    rows = []
+    for t in done:
+        base = trial_overrides(spec, t)[:-1]
+        scores = []
+        for s in fresh:
+            cfg = compose([*base, f"seed={s}"])
+            tracker = make_tracker(
+                cfg.tracking,
+                run_name=f"recheck-{runs.trial_run_name(t.number)}-s{s}",
+                parent_run_id=parent_run_id,
+            )
+            tags = {
+                runs.STUDY_TAG: spec.name,
+                runs.TRIAL_TAG: str(t.number),
+                runs.ROLE_TAG: "recheck",
+            }
+            result = train(cfg, tracker, tags=tags)
+            scores.append(
+                score_curve(result.eval_steps, result.eval_returns, obj.score, obj.k, obj.direction)
+            )
+        rows.append(
+            {
+                "trial": t.number,
+                "search_value": t.value,
+                "recheck_value": aggregate(scores, obj.aggregate),
+                "recheck_seeds": fresh,
+                "recheck_scores": scores,
+            }
+        )
+    return rows

@@ -1,0 +1,273 @@
+"""The study objective: sample a point, compose its config, ``train()`` it on each seed, score.
+
+Seeds and pruning. A trial's seeds run one after another, in the spec's order. After every
+evaluation the pruning hook reports the *running aggregate* of the learning curve: at the i-th
+evaluation of seed j it reports mean/IQM over seeds 0..j of their i-th evaluation, at the step
+``j * steps + env_step``. Every trial reports at the same steps, so the pruner compares like
+with like; a trial is pruned as soon as its curve (averaged over the seeds seen so far) falls
+behind, which may be during its first seed. A pruned run really stops: the hook raises
+``StopRun`` inside ``train()``, which ends that MLflow run KILLED with the reason.
+
+Scores. Each seed's eval curve is scored (final eval, mean of the last k, best, or area under
+the curve normalised by its span, i.e. the mean return over training) and the seed scores are
+aggregated (mean or IQM) into the trial's value.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from workbench.config import Config, ConfigError, compose, config_hash, flatten, to_dict
+from workbench.tracking import NullTracker, Tracker, TrackingError, make_tracker, redact
+from workbench.train import DivergenceError, StopRun, train
+from workbench.tuning import runs
+from workbench.tuning.spec import StudySpec, sample, to_overrides
+from workbench.tuning.study import (
+    ENV_STEPS,
+    ERROR_ATTR,
+    FAIL_REASON,
+    MLFLOW_RUN,
+    OVERRIDES,
+    PRUNE_REASON,
+    SEED_SCORES,
+    SURPLUS,
+    counts,
+)
+
+log = logging.getLogger(__name__)
+
+
+class TrialFailed(Exception):
+    """A trial reached a verdict of failure (diverged, unusable config): record it, go on."""
+
+
+class TrialError(Exception):
+    """A trial broke for a reason that says nothing about its parameters (a crash, a broken
+    config tree): not counted; several in a row stop the worker (see MAX_CONSECUTIVE_ERRORS)."""
+
+
+class StudyError(RuntimeError):
+    """A worker gave up: trials keep breaking for reasons unrelated to their parameters."""
+
+
+MAX_CONSECUTIVE_ERRORS = 3
+VERDICTS = (DivergenceError, ConfigError)  # failures that are a result about the parameters
+
+
+class Surplus(Exception):
+    """The study already had its trials when this one started (a race between workers)."""
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def iqm(values: Sequence[float]) -> float:
+    """Interquartile mean: the mean of the middle 50% (robust to one lucky or broken seed)."""
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    if n < 4:
+        return float(x.mean())
+    cut = n // 4
+    return float(x[cut : n - cut].mean())
+
+
+def aggregate(values: Sequence[float], how: str) -> float:
+    return iqm(values) if how == "iqm" else float(np.mean(values))
+
+
+def score_curve(
+    steps: Sequence[int], returns: Sequence[float], how: str, k: int, direction: str
+) -> float:
+    if not returns:
+        return math.nan
+    if how == "final":
+        return float(returns[-1])
+    if how == "last_k":
+        return float(np.mean(returns[-k:]))
+    if how == "best":
+        return float(max(returns) if direction == "maximize" else min(returns))
+    if len(returns) == 1:  # auc
+        return float(returns[0])
+    span = steps[-1] - steps[0]
+    return float(np.trapezoid(returns, steps) / span)
+
+
+# ----------------------------------------------------------------------------- pruning hook
+
+
+class PruningHook:
+    """Reports each evaluation to Optuna and stops the run when the pruner says so."""
+
+    def __init__(
+        self,
+        trial: optuna.Trial,
+        spec: StudySpec,
+        seed_index: int,
+        prior: Sequence[Sequence[float]],
+        trial_tracker: Tracker,
+    ):
+        self.trial, self.spec, self.seed_index = trial, spec, seed_index
+        self.prior = prior
+        self.tracker = trial_tracker
+        self.last = seed_index == len(spec.objective.seeds) - 1
+        self.curve: list[float] = []
+        self.last_step = 0
+
+    def on_evaluation(self, step: int, metrics: Mapping[str, float], agent: Any) -> None:
+        value = float(metrics[self.spec.objective.metric])
+        i = len(self.curve)
+        self.curve.append(value)
+        self.last_step = step
+        seen = [c[i] for c in self.prior if i < len(c)] + [value]
+        reported = aggregate(seen, self.spec.objective.aggregate)
+        at = self.seed_index * self.spec.steps + step
+        self.trial.report(reported, at)
+        self.tracker.log_metrics({"trial/reported_value": reported}, at)
+        if self.last and step >= self.spec.steps:
+            return  # the work is done; pruning now would only throw the result away
+        if self.trial.should_prune():
+            seed = self.spec.objective.seeds[self.seed_index]
+            raise StopRun(f"pruned at step {step} of seed {seed} (reported {reported:.2f})")
+
+
+# ----------------------------------------------------------------------------- objective
+
+
+class Objective:
+    """Callable for ``study.optimize``; one instance per worker process."""
+
+    def __init__(self, spec: StudySpec, *, parent_run_id: str | None, n_trials: int | None):
+        self.spec = spec
+        self.parent_run_id = parent_run_id
+        self.n_trials = n_trials
+        self.consecutive_errors = 0
+        self.last_error = ""
+
+    def _check_surplus(self, trial: optuna.Trial) -> None:
+        if self.n_trials is None:
+            return
+        trials = trial.study.get_trials(deepcopy=False)
+        ahead = sum(counts(t) for t in trials) + sum(
+            t.state == TrialState.RUNNING and t.number < trial.number for t in trials
+        )
+        if ahead >= self.n_trials:
+            trial.set_user_attr(SURPLUS, True)
+            raise Surplus(f"the study already has its {self.n_trials} trials")
+
+    def configs(self, sampled: Sequence[str]) -> list[Config]:
+        base = [*self.spec.base(), *self.spec.run_overrides(), *sampled]
+        return [compose([*base, f"seed={s}"]) for s in self.spec.objective.seeds]
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        self._check_surplus(trial)
+        spec, obj = self.spec, self.spec.objective
+        values = sample(trial, spec.space)
+        sampled = to_overrides(values)
+        trial.set_user_attr(OVERRIDES, sampled)
+        env_steps = 0
+        hook: PruningHook | None = None
+        tracker: Tracker = NullTracker()
+        try:
+            cfgs = self.configs(sampled)
+            tracker = self._start_trial_run(trial, cfgs[0], sampled)
+            if tracker.run_id is not None:
+                trial.set_user_attr(MLFLOW_RUN, tracker.run_id)
+            curves: list[list[float]] = []
+            steps: list[int] = []
+            scores: list[float] = []
+            for i, cfg in enumerate(cfgs):
+                hook = PruningHook(trial, spec, i, curves, tracker)
+                seed_tracker = make_tracker(
+                    cfg.tracking,
+                    run_name=f"{runs.trial_run_name(trial.number)}-s{cfg.seed}",
+                    parent_run_id=tracker.run_id,
+                )
+                result = train(cfg, seed_tracker, [hook], tags=self._seed_tags(trial, sampled))
+                env_steps += result.steps
+                hook = None
+                curves.append(result.eval_returns)
+                steps = result.eval_steps
+                scores.append(
+                    score_curve(steps, result.eval_returns, obj.score, obj.k, obj.direction)
+                )
+                tracker.log_metrics({"trial/seed_score": scores[-1]}, i)
+            value = aggregate(scores, obj.aggregate)
+            trial.set_user_attr(ENV_STEPS, env_steps)
+            trial.set_user_attr(SEED_SCORES, scores)
+            for j, step in enumerate(steps):
+                col = [c[j] for c in curves if j < len(c)]
+                tracker.log_metrics({obj.metric: aggregate(col, obj.aggregate)}, step)
+            tracker.log_metrics({"trial/score": value}, env_steps)
+            tracker.set_tags({runs.STATE_TAG: "complete"})
+            tracker.end("FINISHED")
+            self.consecutive_errors = 0
+            return value
+        except StopRun as stop:
+            env_steps += hook.last_step if hook is not None else 0
+            self.consecutive_errors = 0
+            trial.set_user_attr(ENV_STEPS, env_steps)
+            trial.set_user_attr(PRUNE_REASON, stop.reason)
+            tracker.set_tags({runs.STATE_TAG: "pruned"})
+            tracker.end("KILLED", stop.reason)
+            raise optuna.TrialPruned(stop.reason) from None
+        except KeyboardInterrupt:
+            tracker.set_tags({runs.STATE_TAG: "interrupted"})
+            tracker.end("KILLED", "interrupted")
+            raise
+        except TrackingError:
+            tracker.end("FAILED", "the tracking store failed")
+            raise  # not a verdict on the trial: stop this worker with the message
+        except Exception as err:
+            env_steps += hook.last_step if hook is not None else 0
+            reason = redact(" ".join(f"{type(err).__name__}: {err}".split()))[:1000]
+            if isinstance(err, ConfigError):
+                reason = redact(" ".join(str(err).split()))[:1000]
+            trial.set_user_attr(ENV_STEPS, env_steps)
+            tracker.set_tags({runs.STATE_TAG: "failed"})
+            tracker.end("FAILED", reason)
+            if isinstance(err, VERDICTS):
+                self.consecutive_errors = 0
+                trial.set_user_attr(FAIL_REASON, reason)
+                log.warning("trial %d failed: %s", trial.number, reason)
+                raise TrialFailed(reason) from err
+            self.consecutive_errors += 1
+            self.last_error = reason
+            trial.set_user_attr(ERROR_ATTR, reason)
+            log.error("trial %d broke (not counted): %s", trial.number, reason, exc_info=err)
+            raise TrialError(reason) from err
+
+    def _start_trial_run(self, trial: optuna.Trial, cfg: Config, sampled: Sequence[str]) -> Tracker:
+        if cfg.tracking.backend == "none":
+            return NullTracker()
+        params = {k: v for k, v in flatten(to_dict(cfg)).items() if k != "seed"}
+        params["trial.seeds"] = ",".join(map(str, self.spec.objective.seeds))
+        tags = {
+            runs.STUDY_TAG: self.spec.name,
+            runs.TRIAL_TAG: str(trial.number),
+            runs.STATE_TAG: "running",
+            runs.ROLE_TAG: "trial",
+            "workbench.config_hash": config_hash(cfg),
+            "workbench.sampled": " ".join(sampled) or "(none)",
+        }
+        return runs.start_trial_run(
+            cfg.tracking,
+            number=trial.number,
+            parent_run_id=self.parent_run_id,
+            params=params,
+            tags=tags,
+        )
+
+    def _seed_tags(self, trial: optuna.Trial, sampled: Sequence[str]) -> dict[str, str]:
+        return {
+            runs.STUDY_TAG: self.spec.name,
+            runs.TRIAL_TAG: str(trial.number),
+            runs.ROLE_TAG: "seed",
+            "workbench.overrides": " ".join([*self.spec.base(), *sampled]),
+        }

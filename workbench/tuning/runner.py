@@ -1,0 +1,350 @@
+"""Run a study: the launcher (storage, study, parent MLflow run, workers, report) and the
+worker loop each process runs against the shared storage.
+
+The same command is the whole user interface: it creates the study or joins it, and runs
+trials until the study holds ``n_trials`` counted trials or ``timeout`` passes. Re-running it
+resumes; running it on another machine with the same PostgreSQL storage and MLflow server
+joins the same study.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from workbench import parallel
+from workbench.config import compose, flatten, to_dict
+from workbench.tracking import redact, resolve_uri
+from workbench.tuning import runs
+from workbench.tuning.objective import (
+    MAX_CONSECUTIVE_ERRORS,
+    Objective,
+    StudyError,
+    Surplus,
+    TrialError,
+    TrialFailed,
+)
+from workbench.tuning.spec import StudySpec, choice_key
+from workbench.tuning.study import (
+    ENV_STEPS,
+    FAIL_REASON,
+    MLFLOW_RUN,
+    PARENT_ATTR,
+    PRUNE_REASON,
+    SPEC_ATTR,
+    counts,
+    default_storage,
+    make_storage,
+    open_study,
+    progress,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where a study lives: its Optuna storage and its MLflow store (None: not tracked)."""
+
+    storage_url: str
+    tracking_uri: str | None
+    tracking_dir: str
+
+
+def resolve_target(spec: StudySpec, storage: str | None = None) -> Target:
+    cfg = compose([*spec.base(), *spec.run_overrides()])
+    t = cfg.tracking
+    uri = resolve_uri(t.uri, t.dir) if t.backend == "mlflow" else None
+    url = storage or spec.storage or default_storage(spec, t.dir)
+    return Target(url, uri, t.dir)
+
+
+def storage_for(spec: StudySpec, target: Target, on_stale: Any = None) -> Any:
+    return make_storage(
+        target.storage_url,
+        heartbeat_interval=spec.heartbeat_interval,
+        grace_period=spec.grace_period,
+        on_stale=on_stale,
+    )
+
+
+# ----------------------------------------------------------------------------- worker
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    spec: StudySpec
+    target: Target
+    parent_run_id: str | None
+    worker_index: int
+    n_trials: int | None
+    deadline: float | None  # time.time() after which no trial starts
+
+
+class StudyMetrics:
+    """After each trial: study-level points on the parent run, stepped by trial number (so
+    each point has exactly one writer), and one log line."""
+
+    def __init__(self, parent: runs.ParentRun | None, direction: str):
+        self.parent, self.maximize = parent, direction == "maximize"
+
+    def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        trials = study.get_trials(deepcopy=False)
+        upto = [
+            t.value
+            for t in trials
+            if t.state == TrialState.COMPLETE and t.number <= trial.number and t.value is not None
+        ]
+        steps = trial.user_attrs.get(ENV_STEPS)
+        detail = (
+            f"value {trial.value:.2f}"
+            if trial.state == TrialState.COMPLETE
+            else trial.user_attrs.get(PRUNE_REASON) or trial.user_attrs.get(FAIL_REASON) or ""
+        )
+        log.info(
+            "trial %d %s: %s (%s env steps)",
+            trial.number,
+            trial.state.name.lower(),
+            detail,
+            steps,
+        )
+        if self.parent is None or not counts(trial):
+            return
+        metrics = {
+            "study/n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
+            "study/n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
+            "study/n_failed": sum(t.state == TrialState.FAIL and counts(t) for t in trials),
+        }
+        if trial.state == TrialState.COMPLETE and trial.value is not None:
+            metrics["study/value"] = trial.value
+        if upto:
+            metrics["study/best_value"] = max(upto) if self.maximize else min(upto)
+        if steps is not None:
+            metrics["study/trial_env_steps"] = float(steps)
+        self.parent.log_metrics(metrics, trial.number)
+
+
+def run_worker(ctx: WorkerContext) -> int:
+    """Run trials until the study has its count or the deadline passes (one process)."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(
+            level=logging.INFO,
+            format=f"%(asctime)s worker-{ctx.worker_index} %(levelname)s %(name)s: %(message)s",
+        )
+    spec, uri = ctx.spec, ctx.target.tracking_uri
+
+    def on_stale(_study: optuna.Study, trial: FrozenTrial) -> None:
+        run_id = trial.user_attrs.get(MLFLOW_RUN)
+        if uri and run_id:
+            runs.end_abandoned_trial(uri, run_id, "its worker stopped sending heartbeats")
+
+    study = open_study(spec, storage_for(spec, ctx.target, on_stale), ctx.worker_index)
+    objective = Objective(spec, parent_run_id=ctx.parent_run_id, n_trials=ctx.n_trials)
+    parent = runs.parent_logger(uri, ctx.parent_run_id) if uri and ctx.parent_run_id else None
+    callback = StudyMetrics(parent, spec.objective.direction)
+    poll_s = min(5.0, spec.grace_period / 4)
+    while True:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)
+        done, running, _ = progress(study)
+        if ctx.n_trials is not None and done >= ctx.n_trials:
+            break
+        if ctx.deadline is not None and time.time() >= ctx.deadline:
+            break
+        if ctx.n_trials is not None and done + running >= ctx.n_trials:
+            time.sleep(poll_s)  # the rest are running (or their worker died: wait it out)
+            continue
+        study.optimize(
+            objective, n_trials=1, catch=(TrialFailed, TrialError, Surplus), callbacks=[callback]
+        )
+        if objective.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+            raise StudyError(
+                f"{objective.consecutive_errors} trials in a row broke for reasons unrelated to "
+                f"their parameters (last: {objective.last_error}); fix that and run the same "
+                "command to resume"
+            )
+    return 0
+
+
+# ----------------------------------------------------------------------------- launcher
+
+
+@dataclass
+class Outcome:
+    study: optuna.Study
+    spec: StudySpec
+    target: Target
+    parent_run_id: str | None
+    exit_codes: list[int]
+    wall_time_s: float
+    report_dir: Path | None = None
+
+
+def base_values(spec: StudySpec) -> dict[str, Any]:
+    """The base experiment's value of every active search parameter: the known-good trial."""
+    from workbench.tuning.export import compose_with_choices
+
+    cfg, choices = compose_with_choices([*spec.base(), *spec.run_overrides()])
+    flat = flatten(to_dict(cfg))
+    values: dict[str, Any] = {}
+    for p in spec.space:
+        if not p.active(values):
+            continue
+        v = choices.get(p.name) if p.is_group else flat.get(p.name)
+        if p.type == "categorical":
+            if choice_key(v) not in {choice_key(c) for c in p.choices}:
+                log.warning("base %s=%r is not among the choices; it will be sampled", p.name, v)
+                continue
+            values[p.name] = choice_key(v)
+        else:
+            if v is None or not (p.low <= v <= p.high):  # type: ignore[operator]
+                log.warning(
+                    "base %s=%r is outside [%s, %s]; it will be sampled", p.name, v, p.low, p.high
+                )
+                continue
+            values[p.name] = int(v) if p.type == "int" else float(v)
+    return values
+
+
+def _spec_params(spec: StudySpec) -> dict[str, Any]:
+    o = spec.objective
+    params: dict[str, Any] = {
+        "study.name": spec.name,
+        "study.base": " ".join(spec.base()) or "(defaults)",
+        "study.steps": spec.steps,
+        "study.n_trials": spec.n_trials,
+        "study.timeout": spec.timeout,
+        "study.sampler": spec.sampler,
+        "study.sampler_args": dict(spec.sampler_args),
+        "study.pruner": spec.pruner,
+        "study.pruner_args": dict(spec.pruner_args),
+        "study.objective": f"{o.direction} {o.score} of {o.metric}",
+        "study.seeds": ",".join(map(str, o.seeds)),
+        "study.aggregate": o.aggregate,
+    }
+    for p in spec.space:
+        rng = list(p.choices) if p.type == "categorical" else f"[{p.low}, {p.high}]"
+        cond = f" when {dict(p.when)}" if p.when else ""
+        params[f"space.{p.name}"] = f"{p.type} {rng}{' log' if p.log else ''}{cond}"
+    return params
+
+
+def prepare(spec: StudySpec, *, storage: str | None = None) -> tuple[optuna.Study, Target]:
+    """Open or create the study (tables, spec attr, the enqueued base trial)."""
+    target = resolve_target(spec, storage)
+    study = open_study(spec, storage_for(spec, target))
+    stored = study.user_attrs.get(SPEC_ATTR)
+    if stored is not None and stored != spec.text:
+        log.warning("the spec changed since the study began; continuing with the new one")
+    if stored != spec.text:
+        study.set_user_attr(SPEC_ATTR, spec.text)
+    if spec.enqueue_base and not study.get_trials(deepcopy=False):
+        study.enqueue_trial(base_values(spec), user_attrs={"workbench.enqueued": "base"})
+    return study, target
+
+
+def run_study(
+    spec: StudySpec,
+    *,
+    workers: int = 1,
+    storage: str | None = None,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    first_worker: int = 0,
+    report_dir: Path | None = None,
+) -> Outcome:
+    """Run (or resume, or join) a study with ``workers`` local processes, then report."""
+    from workbench.tuning import report
+
+    if workers < 1:
+        raise ValueError(f"--workers={workers}: must be >= 1")
+    n_trials = n_trials if n_trials is not None else spec.n_trials
+    timeout = timeout if timeout is not None else spec.timeout
+    t0 = time.perf_counter()
+    study, target = prepare(spec, storage=storage)
+    log.info(
+        "study %s in %s: %d of %s trials done; %d worker(s)",
+        spec.name,
+        redact(target.storage_url),
+        progress(study)[0],
+        n_trials if n_trials is not None else "(timeout)",
+        workers,
+    )
+    parent = None
+    if target.tracking_uri is not None:
+        cfg = compose([*spec.base(), *spec.run_overrides()])
+        tracking = dataclasses.replace(cfg.tracking, experiment=spec.experiment_name)
+        parent = runs.ParentRun.open(
+            tracking,
+            target.tracking_uri,
+            name=spec.name,
+            existing=study.user_attrs.get(PARENT_ATTR),
+            params=_spec_params(spec),
+            tags={
+                runs.STUDY_TAG: spec.name,
+                runs.ROLE_TAG: "study",
+                "workbench.storage": redact(target.storage_url),
+            },
+            spec_text=spec.text,
+        )
+        if study.user_attrs.get(PARENT_ATTR) != parent.run_id:
+            study.set_user_attr(PARENT_ATTR, parent.run_id)
+    deadline = time.time() + timeout if timeout is not None else None
+    contexts = [
+        WorkerContext(
+            spec, target, parent.run_id if parent else None, first_worker + i, n_trials, deadline
+        )
+        for i in range(workers)
+    ]
+    try:
+        if workers == 1:
+            codes = [run_worker(contexts[0])]
+        else:
+            codes = parallel.run_processes(
+                run_worker, [(c,) for c in contexts], name=f"tune-{spec.name}"
+            )
+    except BaseException as err:
+        if parent is not None:
+            interrupted = isinstance(err, KeyboardInterrupt)
+            parent.end(
+                "KILLED" if interrupted else "FAILED",
+                "interrupted" if interrupted else str(err)[:500],
+            )
+        raise
+    outcome = Outcome(
+        study, spec, target, parent.run_id if parent else None, codes, time.perf_counter() - t0
+    )
+    try:
+        outcome.report_dir = report.write_report(
+            study, spec, report_dir or report.default_dir(spec, target)
+        )
+    except Exception as err:  # the trials are safe in the storage; say so and go on
+        log.warning("could not write the study report: %s", err)
+    if parent is not None:
+        try:
+            if outcome.report_dir is not None:
+                parent.log_artifacts(outcome.report_dir, "report")
+            summary = report.summarize(study, spec)
+            if summary["best_value"] is not None:
+                parent.log_metrics({"study/final_best_value": summary["best_value"]}, 0)
+            parent.set_tags({"workbench.best_trial": str(summary["best_trial"])})
+        except Exception as err:
+            log.warning("could not log the study report: %s", err)
+        done = progress(study)[0]
+        bad = [c for c in codes if c != 0]
+        if bad:
+            parent.end("FAILED", f"worker exit codes {codes}")
+        elif n_trials is not None and done < n_trials:
+            parent.end("FINISHED", f"stopped at {done} of {n_trials} trials (timeout)")
+        else:
+            parent.end("FINISHED")
+    return outcome

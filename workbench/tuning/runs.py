@@ -1,0 +1,168 @@
+"""The study's MLflow run tree: one parent run per study, one child run per trial, and each
+seed of a trial as a run nested under its trial run.
+
+    study-<name>                     parent: the spec, study/* metrics by trial number, report/
+    ├── trial-0000                   child: sampled params, the reported curve, score, state tag
+    │   ├── trial-0000-s0            the train() run of seed 0 (full metrics, artifacts)
+    │   └── trial-0000-s1
+    └── trial-0001 ...
+
+Several worker processes write to the parent run. Each writes only the metric points stepped
+by the trial numbers it ran, and MLflow appends points, so no two processes write one point.
+Ending and reopening the parent happens in the launcher only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from workbench.config import TrackingConfig
+from workbench.tracking import (
+    MlflowTracker,
+    Tracker,
+    TrackingError,
+    _client,
+    git_info,
+    make_tracker,
+    redact,
+)
+
+log = logging.getLogger(__name__)
+
+STUDY_TAG = "workbench.study"
+TRIAL_TAG = "workbench.trial"
+STATE_TAG = "workbench.trial_state"
+ROLE_TAG = "workbench.role"
+REASON_TAG = "workbench.status_reason"
+
+
+def trial_run_name(number: int) -> str:
+    return f"trial-{number:04d}"
+
+
+class ParentRun:
+    """The study's parent run: created once, reopened when the study is resumed."""
+
+    def __init__(self, uri: str, run_id: str, tracker: Tracker | None = None):
+        self.uri, self.run_id, self._tracker = uri, run_id, tracker
+        self._client = _client(uri)
+
+    @classmethod
+    def open(
+        cls,
+        tracking: TrackingConfig,
+        uri: str,
+        *,
+        name: str,
+        existing: str | None,
+        params: Mapping[str, Any],
+        tags: Mapping[str, str],
+        spec_text: str,
+    ) -> ParentRun:
+        """Reopen ``existing`` (a resumed study) if this store has it, else start a new run."""
+        if existing:
+            client = _client(uri)
+            try:
+                run = client.get_run(existing)
+            except Exception:
+                run = None
+            if run is not None and run.info.lifecycle_stage == "active":
+                client.update_run(existing, status="RUNNING")
+                client.set_tag(existing, REASON_TAG, "resumed")
+                return cls(uri, existing)
+            log.warning("parent run %s is not in %s: starting a new one", existing, redact(uri))
+        tracker = make_tracker(tracking, run_name=f"study-{name}")
+        tracker.start(params=params, tags={**git_info(), **tags})
+        tracker.log_text(spec_text, "study.yaml")
+        assert tracker.run_id is not None
+        return cls(uri, tracker.run_id, tracker)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        from workbench.tracking import _one_line
+
+        now = _now_ms()
+        points = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        try:
+            self._client.log_batch(self.run_id, metrics=points, synchronous=True)
+        except Exception as err:  # a study must not die for a summary metric
+            log.warning("could not log study metrics to %s: %s", self.run_id, _one_line(err))
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self._client.set_tag(self.run_id, k, redact(str(v)))
+
+    def end(self, status: str, reason: str | None = None) -> None:
+        if self._tracker is not None:
+            self._tracker.end(status, reason)
+            return
+        try:
+            if reason:
+                self._client.set_tag(self.run_id, REASON_TAG, reason)
+            self._client.set_terminated(self.run_id, status)
+        except Exception as err:
+            log.warning("could not end the study run %s: %s", self.run_id, err)
+
+
+def parent_logger(uri: str, run_id: str) -> ParentRun:
+    """A worker's handle on the parent run, for study/* metrics only."""
+    return ParentRun(uri, run_id)
+
+
+def end_abandoned_trial(uri: str, trial_run_id: str, reason: str) -> None:
+    """End a dead worker's trial run and its RUNNING seed runs as FAILED."""
+    try:
+        client = _client(uri)
+        run = client.get_run(trial_run_id)
+        children = client.search_runs(
+            [run.info.experiment_id],
+            filter_string=f"tags.`mlflow.parentRunId` = '{trial_run_id}' "
+            "and attributes.status = 'RUNNING'",
+        )
+        for r in [*children, run]:
+            if r.info.status == "RUNNING":
+                client.set_tag(r.info.run_id, REASON_TAG, reason)
+                client.set_terminated(r.info.run_id, "FAILED")
+        client.set_tag(trial_run_id, STATE_TAG, "failed")
+    except (TrackingError, Exception) as err:
+        log.warning("could not end the MLflow runs of a dead worker's trial: %s", err)
+
+
+def start_trial_run(
+    tracking: TrackingConfig,
+    *,
+    number: int,
+    parent_run_id: str | None,
+    params: Mapping[str, Any],
+    tags: Mapping[str, str],
+) -> Tracker:
+    tracker = make_tracker(tracking, run_name=trial_run_name(number), parent_run_id=parent_run_id)
+    tracker.start(params=params, tags=tags)
+    return tracker
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+__all__ = [
+    "ROLE_TAG",
+    "STATE_TAG",
+    "STUDY_TAG",
+    "TRIAL_TAG",
+    "MlflowTracker",
+    "ParentRun",
+    "end_abandoned_trial",
+    "parent_logger",
+    "start_trial_run",
+    "trial_run_name",
+]
