@@ -25,6 +25,8 @@ NOISE_KINDS = ("gaussian", "ou", "param", "none")
 SCHEDULE_KINDS = ("constant", "linear", "exponential", "cosine")
 VECTORIZATION = ("sync", "async")
 TRACKING_BACKENDS = ("mlflow", "none")
+REPLAY_STORAGE = ("device", "host")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 class ConfigError(ValueError):
@@ -128,6 +130,24 @@ class TrackingConfig:
 
 
 @dataclass
+class PerfConfig:
+    """How fast a run goes, never what it learns: left out of the config hash.
+
+    Every switch has a plain counterpart that gives the same result for the same seed
+    (to float rounding for ``fused_update`` and ``compile``; exactly for the rest).
+    """
+
+    fused_update: bool = True  # flat params, hand-written backward, one Adam/Polyak kernel
+    compile: bool = False  # torch.compile the update step (eager if compilation fails)
+    compile_mode: str | None = None  # None: reduce-overhead with CUDA graphs, else default
+    cuda_graphs: bool = True  # on CUDA with compile: capture the update in CUDA graphs
+    replay_storage: str = "device"  # device | host (copy every batch over: the plain path)
+    replay_compact: bool = True  # store each observation once (next obs by index)
+    device_metrics: bool = True  # sum update metrics on the device; read per log_every
+    async_overlap: bool = True  # async envs step while the update runs (when exact)
+
+
+@dataclass
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -136,6 +156,7 @@ class Config:
     epsilon: EpsilonConfig = field(default_factory=EpsilonConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     total_steps: int = 20_000
@@ -153,6 +174,7 @@ _SECTIONS: dict[str, type] = {
         EpsilonConfig,
         EvalConfig,
         TrackingConfig,
+        PerfConfig,
     )
 }
 
@@ -245,7 +267,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Sections that do not change what is learned: left out of the config hash.
-_HASH_EXCLUDED = ("seed", "tracking", "progress")
+_HASH_EXCLUDED = ("seed", "tracking", "progress", "perf")
 
 
 def config_hash(cfg: Config) -> str:
@@ -400,6 +422,17 @@ def validate(cfg: Config, *, check_env: bool = True) -> None:
     c.positive("tracking.flush_every_s", t.flush_every_s)
     if t.backend == "mlflow" and not t.experiment:
         c.fail("tracking.experiment", t.experiment, "must be a non-empty name")
+
+    # perf
+    c.choice("perf.replay_storage", cfg.perf.replay_storage, REPLAY_STORAGE)
+    if cfg.perf.compile_mode is not None:
+        c.choice("perf.compile_mode", cfg.perf.compile_mode, COMPILE_MODES)
+    if cfg.perf.replay_compact and a.buffer_size < 2 * e.n_envs:
+        c.fail(
+            "agent.buffer_size",
+            a.buffer_size,
+            f"must be >= 2 x env.n_envs ({2 * e.n_envs}) with perf.replay_compact=true",
+        )
 
     if c.problems:
         raise ConfigError(c.problems)

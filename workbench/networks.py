@@ -85,6 +85,43 @@ class Critic(nn.Module):
         return self.qs[0](torch.cat([obs, action], dim=-1)).squeeze(-1)
 
 
+def flatten_parameters(module: nn.Module) -> torch.Tensor:
+    """Re-home ``module``'s parameters as views of one contiguous buffer, and return it.
+
+    One buffer per network lets an optimizer step, a gradient clip or a Polyak update be a
+    single kernel instead of one per tensor. The parameters stay ordinary leaf
+    ``nn.Parameter``s (``state_dict``, ``load_state_dict``, ``deepcopy`` and the forward
+    pass are unchanged); in-place updates of the buffer are updates of the parameters.
+    Call it after moving the module to its device: ``.to()`` makes new tensors.
+    """
+    params = list(module.parameters())
+    if not params:
+        raise ValueError("module has no parameters to flatten")
+    first = params[0]
+    if any(p.device != first.device or p.dtype != first.dtype for p in params):
+        raise ValueError("all parameters must share one device and dtype to be flattened")
+    flat = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
+    offset = 0
+    with torch.no_grad():
+        for p in params:
+            view = flat[offset : offset + p.numel()].view_as(p)
+            view.copy_(p)
+            p.data = view
+            offset += p.numel()
+    return flat
+
+
+def flat_views(flat: torch.Tensor, module: nn.Module) -> list[torch.Tensor]:
+    """Views of ``flat`` shaped like ``module``'s parameters, in ``parameters()`` order."""
+    views, offset = [], 0
+    for p in module.parameters():
+        views.append(flat[offset : offset + p.numel()].view_as(p))
+        offset += p.numel()
+    if offset != flat.numel():
+        raise ValueError(f"flat buffer has {flat.numel()} elements, the module {offset}")
+    return views
+
+
 class ObsNormalizer(nn.Module):
     """Running mean/std of observations (parallel Welford), applied with clipping.
 

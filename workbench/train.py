@@ -28,7 +28,7 @@ from workbench.display import ProgressDisplay
 from workbench.evaluate import evaluate
 from workbench.exploration import Explorer
 from workbench.policy import ARTIFACT_DIR, save_policy
-from workbench.replay import ReplayBuffer
+from workbench.replay import make_replay_buffer
 from workbench.tracking import NullTracker, Tracker, git_info, make_tracker
 
 log = logging.getLogger(__name__)
@@ -67,6 +67,8 @@ class RunResult:
     eval_stds: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     reason: str | None = None
+    # where the time went (seconds) and the replay footprint (bytes): see _train
+    perf: dict[str, float] = field(default_factory=dict)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -108,6 +110,57 @@ class _MetricMeans:
         self.sums.clear()
         self.counts.clear()
         return out
+
+
+class _HostMetricMeans:
+    """The plain path (``perf.device_metrics=false``): read every metric at every update."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, metrics: Mapping[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            self.sums[key] = self.sums.get(key, 0.0) + value.item()
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def pop(self) -> dict[str, float]:
+        out = {k: v / self.counts[k] for k, v in self.sums.items()}
+        self.sums.clear()
+        self.counts.clear()
+        return out
+
+
+class _EnvStepper:
+    """``envs.step`` split in two, so an update can run while async workers simulate."""
+
+    def __init__(self, envs: Any, overlap: bool):
+        self.envs, self.overlap = envs, overlap
+        self._actions: np.ndarray | None = None
+
+    def start(self, actions: np.ndarray) -> None:
+        if self.overlap:
+            self.envs.step_async(actions)
+        else:
+            self._actions = actions
+
+    def finish(self) -> tuple[Any, ...]:
+        if self.overlap:
+            return self.envs.step_wait()
+        actions, self._actions = self._actions, None
+        return self.envs.step(actions)
+
+
+def overlaps(cfg: Config) -> bool:
+    """Whether the loop steps async envs during updates. Only where that changes nothing:
+    running statistics (normalize_obs) and parameter noise read the actor or the data of the
+    step in flight, so with those the loop waits for the envs first."""
+    return (
+        cfg.perf.async_overlap
+        and cfg.env.vectorization == "async"
+        and not cfg.env.normalize_obs
+        and cfg.noise.kind != "param"
+    )
 
 
 def _crossed(prev: int, now: int, every: int) -> bool:
@@ -195,12 +248,33 @@ def _train(
     t_start = time.perf_counter()
     step = 0
     result = RunResult(tracker.run_id, "RUNNING", 0, math.nan, math.nan)
+    perf = result.perf
+    perf.update(loop_s=0.0, loop_eval_s=0.0, final_s=0.0, final_eval_s=0.0, updates=0.0)
     display = ProgressDisplay(cfg.total_steps, enabled=cfg.progress)
     try:
+        p = cfg.perf
         agent = DDPG(
-            obs_dim, action_dim, a, device=device, normalize_obs=e.normalize_obs, seed=cfg.seed
+            obs_dim,
+            action_dim,
+            a,
+            device=device,
+            normalize_obs=e.normalize_obs,
+            seed=cfg.seed,
+            fused=p.fused_update,
+            compile=p.compile,
+            compile_mode=p.compile_mode,
+            cuda_graphs=p.cuda_graphs,
         )
-        buffer = ReplayBuffer(a.buffer_size, obs_dim, action_dim, device=device, seed=cfg.seed)
+        buffer = make_replay_buffer(
+            a.buffer_size,
+            obs_dim,
+            action_dim,
+            device=device,
+            seed=cfg.seed,
+            compact=p.replay_compact,
+            storage=p.replay_storage,
+        )
+        perf["replay_nbytes"] = float(buffer.nbytes)
         explorer = Explorer(
             cfg.noise,
             cfg.schedule,
@@ -212,7 +286,11 @@ def _train(
             seed=cfg.seed,
         )
         rng = np.random.default_rng(cfg.seed)
-        means = _MetricMeans()
+        means: _MetricMeans | _HostMetricMeans = (
+            _MetricMeans() if p.device_metrics else _HostMetricMeans()
+        )
+        overlap = overlaps(cfg)
+        stepper = _EnvStepper(envs, overlap)
         train_curve: tuple[list[int], list[float]] = ([], [])
 
         def to_env(actions: np.ndarray) -> np.ndarray:
@@ -222,7 +300,7 @@ def _train(
             x = torch.as_tensor(obs, dtype=torch.float32, device=device).reshape(1, -1)
             return to_env(agent.act(x)[0].cpu().numpy())
 
-        def run_eval(video_path: Path | None = None) -> dict[str, float]:
+        def run_eval(video_path: Path | None = None, *, final: bool = False) -> dict[str, float]:
             t0 = time.perf_counter()
             res = evaluate(
                 policy_fn,
@@ -234,6 +312,7 @@ def _train(
                 fps=cfg.eval.video_fps,
             )
             metrics = res.metrics()
+            perf["final_eval_s" if final else "loop_eval_s"] += time.perf_counter() - t0
             if not math.isfinite(metrics["eval/return_mean"]):
                 raise DivergenceError(f"evaluation return is {metrics['eval/return_mean']}")
             tracker.log_metrics(metrics, step)
@@ -258,6 +337,7 @@ def _train(
         agent.obs_norm.update(obs)
         last_log_step, last_log_time, updates_since_log = 0, time.perf_counter(), 0
         n_vec_steps = 0
+        t_loop = time.perf_counter()
         while step < cfg.total_steps:
             # collect
             if step < a.learning_starts:
@@ -265,7 +345,23 @@ def _train(
             else:
                 obs_t = torch.as_tensor(obs, dtype=torch.float32, device=device)
                 actions = explorer.act(agent.actor, agent.obs_norm(obs_t), step)
-            next_obs, rewards, terminated, truncated, infos = envs.step(to_env(actions))
+            learn = (
+                step + e.n_envs >= a.learning_starts
+                and (n_vec_steps + 1) % a.train_freq == 0
+                and a.gradient_steps > 0
+            )
+            stepper.start(to_env(actions))
+            # Updates whose batch does not touch the rows this step will write can run
+            # while the envs simulate: the batch, and so the update, is the same.
+            early, held = 0, None
+            while overlap and learn and early < a.gradient_steps:
+                idx = buffer.sample_indices(a.batch_size, upcoming=e.n_envs)
+                if buffer.hits_pending(idx, e.n_envs):
+                    held = idx
+                    break
+                means.add(agent.update(buffer.gather(idx)))
+                early += 1
+            next_obs, rewards, terminated, truncated, infos = stepper.finish()
             buffer.add(
                 obs,
                 actions,
@@ -289,12 +385,15 @@ def _train(
             agent.obs_norm.update(obs)
 
             # learn
-            if step >= a.learning_starts and n_vec_steps % a.train_freq == 0:
+            if learn:
                 batch = None
-                for _ in range(a.gradient_steps):
-                    batch = buffer.sample(a.batch_size)
+                for _ in range(a.gradient_steps - early):
+                    idx = held if held is not None else buffer.sample_indices(a.batch_size)
+                    held = None
+                    batch = buffer.gather(idx)
                     means.add(agent.update(batch))
                 updates_since_log += a.gradient_steps
+                perf["updates"] += a.gradient_steps
                 if batch is not None and cfg.noise.kind == "param":
                     explorer.adapt(agent.actor, agent.obs_norm(batch.obs), step)
 
@@ -321,11 +420,14 @@ def _train(
                 for hook in hooks:
                     hook.on_evaluation(step, eval_metrics, agent)
 
+        perf["loop_s"] = time.perf_counter() - t_loop
+        perf["replay_nbytes"] = float(buffer.nbytes)  # the side store grows with episodes
+        t_final = time.perf_counter()
         # final evaluation, with a video where the env renders
         with tempfile.TemporaryDirectory(prefix="workbench-") as tmp:
             tmp_dir = Path(tmp)
             video = tmp_dir / "eval.mp4" if cfg.eval.video else None
-            final_metrics = run_eval(video)
+            final_metrics = run_eval(video, final=True)
             for hook in hooks:
                 hook.on_evaluation(step, final_metrics, agent)
             tracker.log_metrics({"eval/final_return_mean": final_metrics["eval/return_mean"]}, step)
@@ -347,6 +449,7 @@ def _train(
                 pdir = save_policy(agent.actor, agent.obs_norm, low, high, spec, tmp_dir / "p")
                 tracker.log_artifacts(pdir, ARTIFACT_DIR)
             tracker.flush()
+        perf["final_s"] = time.perf_counter() - t_final
     except KeyboardInterrupt:
         result.status, result.reason = "KILLED", f"interrupted at step {step}"
         tracker.end("KILLED", result.reason)
