@@ -38,8 +38,7 @@ import torch
 
 from workbench import envs as envs_mod
 from workbench.config import Config, compose, to_dict
-from workbench.ddpg import DDPG
-from workbench.replay import CompactReplayBuffer, ReplayBuffer, make_replay_buffer
+from workbench.replay import CompactReplayBuffer, ReplayBuffer
 from workbench.tracking import Tracker, make_tracker
 
 # Applied before the user's overrides: the bench measures training, not the progress bar or
@@ -234,28 +233,11 @@ def sb3_bytes_per_transition(obs_dim: int, act_dim: int) -> int:
 def _our_update_runner(
     cfg: Config, device: torch.device, obs_dim: int, act_dim: int, fill: int
 ) -> Callable[[int], None]:
-    p, a = cfg.perf, cfg.agent
+    from workbench.train import build_learner
+
     torch.manual_seed(cfg.seed)
-    agent = DDPG(
-        obs_dim,
-        act_dim,
-        a,
-        device=device,
-        normalize_obs=cfg.env.normalize_obs,
-        seed=cfg.seed,
-        fused=p.fused_update,
-        compile=p.compile,
-        compile_mode=p.compile_mode,
-        cuda_graphs=p.cuda_graphs,
-    )
-    buffer = make_replay_buffer(
-        max(a.buffer_size, fill),
-        obs_dim,
-        act_dim,
-        device=device,
-        seed=cfg.seed,
-        compact=p.replay_compact,
-        storage=p.replay_storage,
+    agent, buffer = build_learner(
+        cfg, obs_dim, act_dim, device, buffer_size=max(cfg.agent.buffer_size, fill)
     )
     for row in _random_walk(obs_dim, act_dim, fill, cfg.env.n_envs, cfg.seed):
         buffer.add(*row)
@@ -263,7 +245,7 @@ def _our_update_runner(
 
     def run(n: int) -> None:
         for _ in range(n):
-            for key, value in agent.update(buffer.sample(a.batch_size)).items():
+            for key, value in agent.update(buffer.sample(cfg.agent.batch_size)).items():
                 if key in sums:
                     sums[key] += value
                 else:

@@ -163,6 +163,40 @@ def overlaps(cfg: Config) -> bool:
     )
 
 
+def build_learner(
+    cfg: Config,
+    obs_dim: int,
+    action_dim: int,
+    device: torch.device,
+    *,
+    buffer_size: int | None = None,
+) -> tuple[DDPG, Any]:
+    """The agent and its replay buffer as ``cfg`` (agent and perf sections) asks for."""
+    a, p = cfg.agent, cfg.perf
+    agent = DDPG(
+        obs_dim,
+        action_dim,
+        a,
+        device=device,
+        normalize_obs=cfg.env.normalize_obs,
+        seed=cfg.seed,
+        fused=p.fused_update,
+        compile=p.compile,
+        compile_mode=p.compile_mode,
+        cuda_graphs=p.cuda_graphs,
+    )
+    buffer = make_replay_buffer(
+        buffer_size or a.buffer_size,
+        obs_dim,
+        action_dim,
+        device=device,
+        seed=cfg.seed,
+        compact=p.replay_compact,
+        storage=p.replay_storage,
+    )
+    return agent, buffer
+
+
 def _crossed(prev: int, now: int, every: int) -> bool:
     return every > 0 and now // every > prev // every
 
@@ -253,27 +287,7 @@ def _train(
     display = ProgressDisplay(cfg.total_steps, enabled=cfg.progress)
     try:
         p = cfg.perf
-        agent = DDPG(
-            obs_dim,
-            action_dim,
-            a,
-            device=device,
-            normalize_obs=e.normalize_obs,
-            seed=cfg.seed,
-            fused=p.fused_update,
-            compile=p.compile,
-            compile_mode=p.compile_mode,
-            cuda_graphs=p.cuda_graphs,
-        )
-        buffer = make_replay_buffer(
-            a.buffer_size,
-            obs_dim,
-            action_dim,
-            device=device,
-            seed=cfg.seed,
-            compact=p.replay_compact,
-            storage=p.replay_storage,
-        )
+        agent, buffer = build_learner(cfg, obs_dim, action_dim, device)
         perf["replay_nbytes"] = float(buffer.nbytes)
         explorer = Explorer(
             cfg.noise,
