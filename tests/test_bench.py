@@ -23,7 +23,7 @@ TINY = [
     "total_steps=300",
     "eval.episodes=1",
 ]
-QUICK = {"updates": 5, "rounds": 2, "warmup": 2, "env_steps": 50}
+QUICK = {"updates": 5, "rounds": 2, "warmup": 2, "env_steps": 50, "e2e_rounds": 1}
 
 
 def test_bench_reports_every_figure_with_sb3_when_installed():
@@ -42,6 +42,8 @@ def test_bench_reports_every_figure_with_sb3_when_installed():
     assert 0 < e2e["tracking_share"] < 1 and 0 <= e2e["tracking_share_loop"] < 1
     assert 0 < e2e["eval_share"] < 1
     assert e2e["sps_training_loop"] >= e2e["sps"] > 0
+    # one round: pooled = that run's rate (up to the 10 ms rounding of the times it pools)
+    assert e2e["sps_training_loop_pooled"] == pytest.approx(e2e["sps_training_loop"], rel=0.1)
     assert set(e2e["tracking_by_call_s"]) >= {"start", "log_metrics", "end"}
     assert out["end_to_end"]["sps_fraction_of_raw_env"] > 0
 
@@ -57,9 +59,32 @@ def test_bench_reports_every_figure_with_sb3_when_installed():
             up["ours_updates_per_s"] / up["sb3_updates_per_s"], abs=0.01
         )
         assert out["end_to_end"]["sb3"]["steps"] == 300
-        assert out["end_to_end"]["ratio_ours_to_sb3"] > 0
+        assert out["end_to_end"]["ratio_ours_to_sb3"] == pytest.approx(
+            e2e["sps_training_loop_pooled"] / out["end_to_end"]["sb3"]["sps_pooled"], abs=0.02
+        )
     else:
         assert not out["sb3"]["compared"] and "sb3_updates_per_s" not in up
+
+
+def test_end_to_end_rounds_alternate_and_pool(monkeypatch):
+    calls = []
+
+    def ours(cfg):
+        calls.append("ours")
+        return {"steps": 100, "training_loop_s": 1.0 if len(calls) < 3 else 3.0}
+
+    def sb3(cfg, device):
+        calls.append("sb3")
+        return {"steps": 100, "learn_s": 2.0}
+
+    monkeypatch.setattr(bench, "_ours_end_to_end", ours)
+    monkeypatch.setattr(bench, "_sb3_end_to_end", sb3)
+    monkeypatch.setattr(bench, "_init_store", lambda cfg: None)
+    out = bench.bench_end_to_end(compose(TINY), None, rounds=2, with_sb3=True)
+    assert calls == ["ours", "sb3", "sb3", "ours"]  # ABBA
+    assert out["ours"]["sps_training_loop_pooled"] == 50.0  # 200 steps in 4 s
+    assert out["sb3"]["sps_pooled"] == 50.0 and out["ratio_ours_to_sb3"] == 1.0
+    assert len(out["ours"]["runs"]) == len(out["sb3"]["runs"]) == 2
 
 
 def test_bench_command_prints_json_without_sb3(capsys):
