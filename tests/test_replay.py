@@ -1,7 +1,8 @@
 import numpy as np
+import pytest
 import torch
 
-from workbench.replay import ReplayBuffer
+from workbench.replay import ReplayBuffer, make_replay_buffer
 
 
 def _add(buf, start, n, n_envs=1):
@@ -60,3 +61,52 @@ def test_sampling_is_seeded_and_within_the_filled_part():
 def test_footprint_is_reported():
     buf = ReplayBuffer(1000, obs_dim=26, action_dim=6)
     assert buf.nbytes == 1000 * (26 * 4 * 2 + 6 * 4 + 4 + 2)
+
+
+def _trajectory(rng, steps, n_envs, obs_dim=3):
+    """(obs, next_obs) pairs where episodes end at random: next obs then is not the next."""
+    obs = rng.normal(size=(n_envs, obs_dim)).astype(np.float32)
+    for _ in range(steps):
+        nxt = rng.normal(size=(n_envs, obs_dim)).astype(np.float32)
+        ended = rng.random(n_envs) < 0.2
+        reset = np.where(ended[:, None], rng.normal(size=nxt.shape), nxt).astype(np.float32)
+        yield obs, nxt, ended
+        obs = reset
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("steps", [7, 40])  # part-filled, and wrapped around several times
+def test_state_dict_round_trip_continues_exactly(tmp_path, compact, steps):
+    """Save mid-stream (through a weights_only file), load into a fresh buffer: the rest of
+    the stream adds and samples exactly as in the buffer that never stopped."""
+    rng = np.random.default_rng(0)
+    stream = list(_trajectory(rng, steps + 10, n_envs=2))
+
+    def add(buf, item):
+        obs, nxt, ended = item
+        acts = np.full((2, 1), obs[0, 0], np.float32)
+        buf.add(obs, acts, obs[:, 0], nxt, ended, np.zeros(2, bool))
+
+    whole = make_replay_buffer(24, 3, 1, seed=5, compact=compact)
+    for item in stream[:steps]:
+        add(whole, item)
+        whole.sample(4)
+    state = whole.state_dict()
+    assert state["rows"]["obs"].shape[0] == len(whole)  # the filled rows, not the capacity
+    torch.save(state, tmp_path / "replay.pt")
+    resumed = make_replay_buffer(24, 3, 1, seed=99, compact=compact)
+    resumed.load_state_dict(torch.load(tmp_path / "replay.pt", weights_only=True))
+    for item in stream[steps:]:
+        add(whole, item)
+        add(resumed, item)
+        a, b = whole.sample(8), resumed.sample(8)
+        for name in vars(a):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_state_dict_refuses_another_shape():
+    buf = make_replay_buffer(10, 3, 1, compact=True)
+    with pytest.raises(ValueError, match="does not fit"):
+        make_replay_buffer(20, 3, 1, compact=True).load_state_dict(buf.state_dict())
+    with pytest.raises(ValueError, match="does not fit"):
+        make_replay_buffer(10, 3, 1, compact=False).load_state_dict(buf.state_dict())

@@ -98,3 +98,36 @@ def test_postgres_storage_serves_a_study_to_two_workers(tmp_path, postgres_url):
     assert sum(counts(t) for t in study.trials) == 3
     assert not [t for t in study.trials if t.state == TrialState.RUNNING]
     assert not (tmp_path / "mlruns" / "optuna" / "pg.db").exists()  # nothing fell back to sqlite
+
+
+def test_a_training_run_tracks_to_postgres(tmp_path, monkeypatch, postgres_url):
+    """``tracking.uri=postgresql://...`` as written: the driver we install is picked."""
+    from mlflow.tracking import MlflowClient
+
+    from workbench.config import compose
+    from workbench.tracking import driver_url
+    from workbench.train import train
+
+    monkeypatch.chdir(tmp_path)  # MLflow puts a database store's artifacts under ./mlruns
+    cfg = compose(
+        [
+            "total_steps=400",
+            "agent.actor_hidden=[16]",
+            "agent.critic_hidden=[16]",
+            "agent.learning_starts=100",
+            "eval.every=200",
+            "eval.episodes=1",
+            "eval.video=false",
+            "progress=false",
+            f"tracking.uri={postgres_url}",
+            "tracking.experiment=pg",
+        ]
+    )
+    result = train(cfg)
+    client = MlflowClient(driver_url(postgres_url))
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "eval/return_mean")] == [
+        200,
+        400,
+    ]

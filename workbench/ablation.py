@@ -26,11 +26,13 @@ from rich.table import Table
 
 from workbench import stats
 from workbench.config import ConfigError, compose, config_hash
-from workbench.specfile import SpecError, check_keys, load_yaml
+from workbench.specfile import SpecError, check_keys, compose_error_text, load_yaml
 from workbench.tracking import (
     MlflowTracker,
     RunRecord,
+    TrackingError,
     metric_history,
+    probe_store,
     resolve_uri,
     search_runs,
 )
@@ -152,7 +154,7 @@ def load_spec(path: str | Path) -> AblationSpec:
             raise SpecError(f"{path}: variant {variant!r}: {err}") from None
         except Exception as err:  # Hydra: unknown group option, bad override syntax, ...
             raise SpecError(
-                f"{path}: variant {variant!r}: overrides do not compose: {str(err).splitlines()[0]}"
+                f"{path}: variant {variant!r}: overrides do not compose: {compose_error_text(err)}"
             ) from None
     return spec
 
@@ -257,6 +259,8 @@ def run_ablation(
 ) -> AblationResult:
     """Run what is missing (unless ``run`` is False), then report over what is finished."""
     uri = resolve_uri(spec.tracking_uri, spec.tracking_dir)
+    # One quick request first: MLflow's own client retries an unreachable server for minutes.
+    probe_store(uri, spec.experiment)
     existing = _parent_run(uri, spec)
     parent = MlflowTracker(
         uri=uri,
@@ -470,7 +474,13 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     except SpecError as err:
         print(f"workbench: {err}", file=sys.stderr)
         return 2
-    result = run_ablation(spec, workers=args.workers, out_dir=args.out, run=not args.report_only)
+    try:
+        result = run_ablation(
+            spec, workers=args.workers, out_dir=args.out, run=not args.report_only
+        )
+    except TrackingError as err:
+        print(f"workbench: {err}", file=sys.stderr)
+        return 2
     console = Console()
     if not console.is_terminal:
         console.width = 180

@@ -8,12 +8,19 @@ latest checkpoint; the newest file that loads is the one to resume from.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import re
+import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from workbench.config import Config
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{12})\.pt$")
@@ -99,3 +106,133 @@ def check_compatible(state: dict[str, Any], expected: dict[str, Any]) -> None:
     ]
     if problems:
         raise CheckpointError("checkpoint does not match this run: " + "; ".join(problems))
+
+
+# ----------------------------------------------------------------------------- run lock
+
+
+class RunLock:
+    """An exclusive lock on a run's checkpoint folder, held while the run trains.
+
+    A run whose process died without ending it (``kill -9``, power loss) stays RUNNING in
+    MLflow; its lock died with the process, so resuming can tell such a run from one that is
+    still training (resuming that would give two writers one run).
+    """
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.path = directory / ".lock"
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        if self._fd is not None:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise CheckpointError(
+                f"run {self.directory.name} is still training in another process "
+                f"(pid {holder}); stop it before resuming"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+    def remove_folder(self) -> None:
+        """Delete the run's checkpoints (a finished run no longer needs them), then unlock."""
+        shutil.rmtree(self.directory, ignore_errors=True)
+        self.release()
+
+
+# ----------------------------------------------------------------------------- resume
+
+# What may differ when a run continues: how fast it runs and where things are kept, never
+# what it learns. Anything else comes from the checkpoint's config.
+RESUME_OVERRIDABLE = (
+    "resume",
+    "progress",
+    "torch_threads",
+    "device",
+    "perf",
+    "checkpoint",
+    "tracking.uri",
+    "tracking.dir",
+    "tracking.flush_every_s",
+)
+
+
+def _override_key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def _overridable(key: str) -> bool:
+    return any(key == k or key.startswith(f"{k}.") for k in RESUME_OVERRIDABLE)
+
+
+def _get(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(obj: Any, path: str, value: Any) -> None:
+    *parents, last = path.split(".")
+    for part in parents:
+        obj = getattr(obj, part)
+    setattr(obj, last, value)
+
+
+def prepare_resume(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict[str, Any]]:
+    """The config and training state to continue run ``cfg.resume`` with.
+
+    The config is the checkpoint's; the command line may change only what never changes
+    learning (``RESUME_OVERRIDABLE``), and anything else it sets is refused by name.
+    """
+    from omegaconf import OmegaConf
+
+    from workbench.config import ConfigError, to_config, validate
+
+    assert cfg.resume is not None
+    keys = [_override_key(o) for o in overrides if not o.startswith("hydra")]
+    refused = [k for k in keys if not _overridable(k)]
+    if refused:
+        allowed = ", ".join(k for k in RESUME_OVERRIDABLE if k != "resume")
+        raise ConfigError(
+            [
+                f"{k}: cannot be changed when resuming run {cfg.resume}: it continues with "
+                f"its checkpoint's config (may change: {allowed})"
+                for k in refused
+            ]
+        )
+    directory = checkpoint_dir(cfg.checkpoint.dir, cfg.resume)
+    if not list_checkpoints(directory):
+        raise CheckpointError(
+            f"no checkpoint for run {cfg.resume} in {directory}: runs write one every "
+            "checkpoint.every steps and when interrupted (Ctrl-C, SIGTERM), and delete them "
+            "when they finish (unless checkpoint.keep_after_finish=true); set checkpoint.dir "
+            "if they were written elsewhere"
+        )
+    state = load_latest(directory)
+    if state.get("run_id") != cfg.resume:
+        raise CheckpointError(
+            f"checkpoint in {directory} belongs to run {state.get('run_id')!r}, not {cfg.resume!r}"
+        )
+    resumed = to_config(OmegaConf.create(state["config"]))
+    for key in keys:
+        _set(resumed, key, _get(cfg, key))
+    resumed.resume = cfg.resume
+    resumed.checkpoint.dir = cfg.checkpoint.dir  # where it was found: keep writing there
+    validate(resumed)
+    return resumed, state

@@ -44,27 +44,35 @@ def _train_task(raw: Any) -> None:
     """Hydra task: validate, train, print a one-line summary."""
     from hydra.core.hydra_config import HydraConfig
 
+    from workbench.checkpoint import CheckpointError, prepare_resume
     from workbench.config import ConfigError, to_config, validate
     from workbench.tracking import TrackingError
-    from workbench.train import train
+    from workbench.train import Interrupted, train
 
+    hc = HydraConfig.get()
+    state = None
     try:
         cfg = to_config(raw)
         validate(cfg)
-    except ConfigError as err:
+        if cfg.resume is not None:
+            cfg, state = prepare_resume(cfg, hc.overrides.task)
+    except (ConfigError, CheckpointError) as err:
         print(f"workbench: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
-    hc = HydraConfig.get()
-    tags = {"workbench.overrides": " ".join(hc.overrides.task) or "(none)"}
+    # a resumed run keeps the overrides it was started with
+    tags = {} if state else {"workbench.overrides": " ".join(hc.overrides.task) or "(none)"}
     if str(hc.mode) == "RunMode.MULTIRUN":
         tags["workbench.sweep"] = str(hc.sweep.dir)
         tags["workbench.sweep_job"] = str(hc.job.num)
     try:
-        result = train(cfg, tags=tags)
-    except TrackingError as err:
+        result = train(cfg, tags=tags, resume_state=state, handle_signals=True)
+    except (TrackingError, CheckpointError) as err:
         print(f"workbench: {err}", file=sys.stderr)
         raise SystemExit(2) from None
+    except Interrupted as err:
+        print(f"workbench: {err.reason}", file=sys.stderr)
+        raise SystemExit(130) from None
     print(
         json.dumps(
             {
@@ -79,10 +87,35 @@ def _train_task(raw: Any) -> None:
     )
 
 
+def _compose_problem(argv: Sequence[str]) -> str | None:
+    """Why a plain list of overrides does not compose, in our words (None: it does).
+
+    Hydra would print its own multi-line text and exit 1; flags (``-m``, ``--cfg``) and
+    ``hydra`` overrides are left to Hydra.
+    """
+    from workbench.config import ConfigError, compose
+    from workbench.specfile import compose_error_text
+
+    keys = [a.split("=", 1)[0].lstrip("+~") for a in argv]
+    if any(a.startswith("-") for a in argv) or any(k.startswith("hydra") for k in keys):
+        return None
+    try:
+        compose(argv, validate_config=False)
+    except ConfigError as err:
+        return str(err)
+    except Exception as err:
+        return f"invalid overrides: {compose_error_text(err)}"
+    return None
+
+
 def cmd_train(argv: Sequence[str]) -> int:
     import hydra
 
     from workbench.config import conf_dir
+
+    if problem := _compose_problem(argv):
+        print(f"workbench: {problem}", file=sys.stderr)
+        return 2
 
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(
         _train_task
@@ -176,6 +209,7 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
     from workbench.config import ConfigError, compose
+    from workbench.specfile import compose_error_text
 
     seeds = [int(s) for s in args.seeds.split(",")]
     base = [f"+experiment={args.preset}", "progress=false", *args.overrides]
@@ -184,6 +218,9 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
             compose([*base, f"seed={s}"])
     except ConfigError as err:
         print(f"workbench: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # Hydra: an override that does not compose
+        print(f"workbench: invalid overrides: {compose_error_text(err)}", file=sys.stderr)
         return 2
     t0 = time.perf_counter()
     jobs = [[*base, f"seed={s}"] for s in seeds]

@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -148,6 +149,22 @@ class PerfConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """Training state saved for ``workbench train resume=<run-id>``: never what is learned."""
+
+    every: int = 50_000  # env steps between checkpoints (0: only when interrupted)
+    keep: int = 2  # newest checkpoints kept per run
+    dir: str = "${tracking.dir}/checkpoints"  # one folder per MLflow run id below this
+    # A checkpoint waits for a step where every env has just ended an episode, so that the
+    # resumed run restarts each env exactly there; after this many env steps (per env), or
+    # wait_s seconds after an interrupt, it is written mid-episode (resume then starts the
+    # interrupted episodes afresh).
+    wait_steps: int = 1000
+    wait_s: float = 30.0
+    keep_after_finish: bool = False  # a FINISHED run deletes its checkpoints
+
+
+@dataclass
 class Config:
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
@@ -157,11 +174,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     total_steps: int = 20_000
     torch_threads: int | None = 1  # None: torch's default
     progress: bool = True  # live display on a terminal
+    resume: str | None = None  # MLflow run id to continue from its latest checkpoint
 
 
 _SECTIONS: dict[str, type] = {
@@ -175,6 +194,7 @@ _SECTIONS: dict[str, type] = {
         EvalConfig,
         TrackingConfig,
         PerfConfig,
+        CheckpointConfig,
     )
 }
 
@@ -267,7 +287,7 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 # Sections that do not change what is learned: left out of the config hash.
-_HASH_EXCLUDED = ("seed", "tracking", "progress", "perf")
+_HASH_EXCLUDED = ("seed", "tracking", "progress", "perf", "checkpoint", "resume")
 
 
 def config_hash(cfg: Config) -> str:
@@ -422,6 +442,17 @@ def validate(cfg: Config, *, check_env: bool = True) -> None:
     c.positive("tracking.flush_every_s", t.flush_every_s)
     if t.backend == "mlflow" and not t.experiment:
         c.fail("tracking.experiment", t.experiment, "must be a non-empty name")
+
+    # checkpoints
+    ck = cfg.checkpoint
+    c.at_least("checkpoint.every", ck.every, 0)
+    c.at_least("checkpoint.keep", ck.keep, 1)
+    c.at_least("checkpoint.wait_steps", ck.wait_steps, 0)
+    c.non_negative("checkpoint.wait_s", ck.wait_s)
+    if not ck.dir:
+        c.fail("checkpoint.dir", ck.dir, "must be a folder path")
+    if cfg.resume is not None and not re.fullmatch(r"[0-9a-f]{32}", cfg.resume):
+        c.fail("resume", cfg.resume, "must be an MLflow run id (32 hex digits)")
 
     # perf
     c.choice("perf.replay_storage", cfg.perf.replay_storage, REPLAY_STORAGE)

@@ -21,9 +21,10 @@ import functools
 import importlib
 import multiprocessing
 import os
+import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import gymnasium as gym
@@ -285,6 +286,17 @@ def _make_recorded_env(
     return gym.wrappers.RecordEpisodeStatistics(EpisodeSeeds(env))
 
 
+def _in_worker(factory: Callable[[], gym.Env]) -> gym.Env:
+    """Make an env inside an async worker process, deaf to Ctrl-C.
+
+    Ctrl-C on a terminal reaches every process in the group; a worker that died of it would
+    take the env away from the training process while that writes its checkpoint. Workers
+    end when the training process closes them (or its pipe closes: it died).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    return factory()
+
+
 def _default_context() -> str:
     # forkserver: workers start from a clean process, not a fork of one holding torch's and
     # MLflow's threads; cheaper than spawn. Platforms without it (Windows, macOS) spawn.
@@ -323,8 +335,9 @@ def make_vec_env(
     if vectorization == "sync":
         envs: gym.vector.VectorEnv = gym.vector.SyncVectorEnv(fns, autoreset_mode=mode)
     elif vectorization == "async":
+        worker = functools.partial(_in_worker, factory)
         envs = gym.vector.AsyncVectorEnv(
-            fns, context=context or _default_context(), autoreset_mode=mode
+            [worker] * n_envs, context=context or _default_context(), autoreset_mode=mode
         )
     else:
         raise ValueError(f"vectorization must be 'sync' or 'async', got {vectorization!r}")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,6 +177,48 @@ class ReplayBuffer:
     def _tensor(self, x: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.storage_device)
 
+    # ------------------------------------------------------------------------ checkpoints
+
+    def _row_tensors(self) -> dict[str, torch.Tensor]:
+        """The per-row storage, by name (what a checkpoint holds the filled rows of)."""
+        names = ("obs", "next_obs", "actions", "rewards", "terminated", "truncated")
+        return {name: getattr(self, name) for name in names}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The filled rows, write position and sampling RNG: plain tensors and ints only.
+
+        Rows fill from 0 until the buffer is full, so the first ``size`` rows are all the
+        data; they are copied out (saving a slice would save the whole preallocation).
+        """
+        rows = {
+            k: (t if self.size == self.capacity else t[: self.size]).detach().clone().cpu()
+            for k, t in self._row_tensors().items()
+        }
+        return {
+            "kind": type(self).__name__,
+            "capacity": self.capacity,
+            "obs_dim": self.obs_dim,
+            "action_dim": self.action_dim,
+            "pos": self.pos,
+            "size": self.size,
+            "generator": self.generator.get_state(),
+            "rows": rows,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        mine = (type(self).__name__, self.capacity, self.obs_dim, self.action_dim)
+        theirs = tuple(state.get(k) for k in ("kind", "capacity", "obs_dim", "action_dim"))
+        if mine != theirs:
+            raise ValueError(
+                "replay state does not fit this buffer: (kind, capacity, obs_dim, action_dim) "
+                f"is {theirs}, this buffer is {mine}"
+            )
+        size = int(state["size"])
+        for name, target in self._row_tensors().items():
+            target[:size] = state["rows"][name].to(target.device)
+        self.pos, self.size = int(state["pos"]), size
+        self.generator.set_state(state["generator"])
+
 
 class CompactReplayBuffer(ReplayBuffer):
     """A ``ReplayBuffer`` that stores each observation once (see the module docstring).
@@ -260,6 +303,37 @@ class CompactReplayBuffer(ReplayBuffer):
         self._recent_host = next_obs.copy()
         self._recent_start = self.pos
         self._advance(n)
+
+    def _row_tensors(self) -> dict[str, torch.Tensor]:
+        names = ("obs", "actions", "rewards", "terminated", "truncated", "final_slot")
+        return {name: getattr(self, name) for name in names}
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["compact"] = {
+            "final_obs": self.final_obs.detach().clone().cpu(),
+            "final_rows": torch.tensor(list(self._final_rows), dtype=torch.int64),
+            "final_tail": self._final_tail,
+            "n_rows": self.n_rows,
+            "recent_next": self.recent_next.detach().clone().cpu(),
+            "recent_host": (
+                None if self._recent_host is None else torch.from_numpy(self._recent_host.copy())
+            ),
+            "recent_start": self._recent_start,
+        }
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        c, dev = state["compact"], self.storage_device
+        self.final_obs = c["final_obs"].to(dev)
+        self._final_rows = collections.deque(int(r) for r in c["final_rows"].tolist())
+        self._final_tail = int(c["final_tail"])
+        self.n_rows = None if c["n_rows"] is None else int(c["n_rows"])
+        self.recent_next = c["recent_next"].to(dev)
+        host = c["recent_host"]
+        self._recent_host = None if host is None else host.numpy().copy()
+        self._recent_start = int(c["recent_start"])
 
     def _store_final(self, rows: np.ndarray, values: np.ndarray) -> None:
         live = len(self._final_rows)

@@ -6,6 +6,7 @@ variant or a search parameter; here it is an error naming the key and the line.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +56,69 @@ def check_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
         raise SpecError(
             f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
         )
+
+
+# Lines of Hydra/OmegaConf errors that say nothing to the user of a spec file (or mislead:
+# "use +agent.taux=1" only moves the error to validation).
+_NOISE = re.compile(
+    r"^(full_key:|reference_type=|object_type=|See https?://|To append to your config"
+    r"|Set the environment variable HYDRA_FULL_ERROR)"
+)
+_UNKNOWN_KEY = re.compile(r"Key '[^']+' (?:not in '[^']+'|is not in struct)")
+_MAX_LEN = 600
+
+
+def _render(text: str) -> str:
+    """One error message on one line; an indented list under a ``...:`` line becomes
+    ``...: a, b, c``; Hydra's config search path is dropped."""
+    segments: list[tuple[str, list[str]]] = []
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not line or _NOISE.match(line):
+            continue
+        if line.startswith("Config search path"):
+            break
+        if raw[:1].isspace() and segments and segments[-1][0].endswith(":"):
+            segments[-1][1].append(line)
+        else:
+            segments.append((line.rstrip("."), []))
+    return "; ".join(f"{head} {', '.join(items)}" if items else head for head, items in segments)
+
+
+def _allowed_keys(full_key: str) -> list[str] | None:
+    """The schema keys next to ``full_key`` (``agent.taux`` -> the AgentConfig fields)."""
+    import dataclasses
+
+    from workbench.config import Config
+
+    node: object = Config
+    for part in full_key.split(".")[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)}  # type: ignore[arg-type]
+        factory = fields[part].default_factory if part in fields else None
+        if not dataclasses.is_dataclass(factory):
+            return None  # a free-form dict (env.kwargs): any key is allowed
+        node = factory
+    return sorted(f.name for f in dataclasses.fields(node))  # type: ignore[arg-type]
+
+
+def compose_error_text(err: BaseException) -> str:
+    """A failed Hydra composition on one line: the override, the reason Hydra keeps in
+    ``__cause__`` (the wrong type, the unknown key, the missing option) and, for an unknown
+    key, the keys allowed there."""
+    parts: list[str] = []
+    raw_texts: list[str] = []
+    e: BaseException | None = err
+    while e is not None and len(parts) < 4:
+        raw_texts.append(str(e))
+        text = _render(str(e)) or type(e).__name__
+        if text not in parts:
+            parts.append(text)
+        e = e.__cause__
+    message = ": ".join(parts)
+    raw = "\n".join(raw_texts)
+    full_key = re.findall(r"full_key: (\S+)", raw)
+    if full_key and _UNKNOWN_KEY.search(raw):
+        allowed = _allowed_keys(full_key[-1])
+        if allowed:
+            message += f"; allowed keys here: {', '.join(allowed)}"
+    return message if len(message) <= _MAX_LEN else message[: _MAX_LEN - 3] + "..."

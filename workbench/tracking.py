@@ -116,12 +116,24 @@ def embedded_uri(store_dir: str | Path) -> str:
     return f"sqlite:///{path / 'mlflow.db'}"
 
 
+def driver_url(url: str) -> str:
+    """``postgresql://`` with the driver we declare: SQLAlchemy 2.1 maps a bare
+    ``postgresql://`` to psycopg 3, while the ``postgres`` extra installs psycopg2."""
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme in ("postgresql", "postgres"):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
+            return f"postgresql+psycopg2://{rest}"
+    return url
+
+
 def resolve_uri(uri: str | None, store_dir: str | Path) -> str:
     """The explicit URI, else ``MLFLOW_TRACKING_URI``, else the embedded store in ``store_dir``."""
     if uri:
-        return uri
+        return driver_url(uri)
     env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return env or embedded_uri(store_dir)
+    return driver_url(env) if env else embedded_uri(store_dir)
 
 
 def _sqlite_path(uri: str) -> Path | None:
@@ -137,9 +149,16 @@ def _sqlite_path(uri: str) -> Path | None:
 
 
 def make_tracker(
-    cfg: TrackingConfig, *, run_name: str, parent_run_id: str | None = None
+    cfg: TrackingConfig,
+    *,
+    run_name: str,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
 ) -> Tracker:
-    """The tracker a config asks for; artifacts of a local sqlite store go next to its db."""
+    """The tracker a config asks for; artifacts of a local sqlite store go next to its db.
+
+    ``resume_run_id`` continues that (unfinished) training run instead of creating one.
+    """
     if cfg.backend == "none":
         return NullTracker()
     uri = resolve_uri(cfg.uri, cfg.dir)
@@ -151,6 +170,8 @@ def make_tracker(
         artifact_root=db.parent / "artifacts" if db is not None else None,
         parent_run_id=parent_run_id,
         flush_every_s=cfg.flush_every_s,
+        resume_run_id=resume_run_id,
+        resume_finished=False,
     )
 
 
@@ -407,7 +428,11 @@ def _probe_database(uri: str) -> None:
         engine.dispose()
 
 
-def _probe(uri: str, experiment: str) -> None:
+def probe_store(uri: str, experiment: str) -> None:
+    """Raise TrackingError in seconds if the store at ``uri`` cannot be used.
+
+    One quick request: MLflow's own client retries an unreachable server for minutes.
+    """
     scheme = urlparse(uri).scheme.lower()
     if scheme in ("http", "https"):
         _probe_http(uri, experiment)
@@ -542,6 +567,7 @@ class MlflowTracker:
         flush_every_s: float = 10.0,
         max_buffer: int = 1000,
         resume_run_id: str | None = None,
+        resume_finished: bool = True,
     ) -> None:
         if max_buffer < 1:
             raise ValueError(f"max_buffer={max_buffer}: must be >= 1")
@@ -551,6 +577,7 @@ class MlflowTracker:
         self.artifact_root = Path(artifact_root) if artifact_root is not None else None
         self.parent_run_id = parent_run_id
         self.resume_run_id = resume_run_id  # continue this run instead of creating one
+        self.resume_finished = resume_finished  # False: refuse to reopen a FINISHED run
         self.flush_every_s = flush_every_s
         self.max_buffer = max_buffer
         # Bound memory while the store is down: keep the newest points, say what was dropped.
@@ -585,7 +612,7 @@ class MlflowTracker:
         """Create the run (and experiment if needed); raise TrackingError fast if unusable."""
         if self.run_id is not None:
             raise RuntimeError(f"run {self.run_id} already started")
-        _probe(self.uri, self.experiment)
+        probe_store(self.uri, self.experiment)
         client = _client(self.uri)
         all_tags = self._run_tags(tags)
         if self.resume_run_id is not None:
@@ -627,9 +654,16 @@ class MlflowTracker:
         assert self.resume_run_id is not None
         try:
             run = client.get_run(self.resume_run_id)
+            if not self.resume_finished and run.info.status == "FINISHED":
+                raise TrackingError(
+                    f"run {self.resume_run_id} has already FINISHED; only a KILLED, FAILED "
+                    "or abandoned (still RUNNING) run can be continued"
+                )
             client.update_run(run.info.run_id, status="RUNNING")
             if REASON_TAG in run.data.tags:  # why it ended last time no longer holds
                 client.delete_tag(run.info.run_id, REASON_TAG)
+        except TrackingError:
+            raise
         except Exception as err:
             raise TrackingError(
                 f"cannot continue run {self.resume_run_id} at {redact(self.uri)}: {_one_line(err)}"
@@ -950,7 +984,7 @@ def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> 
     db = _sqlite_path(uri)
     if db is not None and not db.exists():
         raise ValueError(f"no run {run_id} in {redact(uri)} (the store does not exist)")
-    _probe(uri, "Default")
+    probe_store(uri, "Default")
     client = _client(uri)
     try:
         client.get_run(run_id)

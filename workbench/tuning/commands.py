@@ -112,6 +112,21 @@ def _existing(spec: Any, storage: str | None) -> tuple[Any, Any]:
     return study, target
 
 
+def _preflight(spec: Any, spec_path: Path, storage: str | None) -> None:
+    """Everything that can be known bad before the study exists, so a failure here leaves no
+    Optuna storage, study or trial and no MLflow run: every search corner must give a valid
+    config, and the tracking store must answer (one quick request, not MLflow's minutes of
+    retries). An unreachable Optuna storage fails next, when it is opened, before any write."""
+    from workbench.tracking import probe_store
+    from workbench.tuning.runner import resolve_target
+    from workbench.tuning.spec import check_ranges
+
+    check_ranges(spec, source=str(spec_path))
+    target = resolve_target(spec, storage)
+    if target.tracking_uri is not None:
+        probe_store(target.tracking_uri, spec.experiment_name)
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     from workbench.tracking import TrackingError
     from workbench.tuning.objective import StudyError
@@ -122,6 +137,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
         study, target = _existing(spec, args.storage)
         return _finish(study, spec, target, args, codes=[0])
     try:
+        _preflight(spec, args.spec, args.storage)
         outcome = run_study(
             spec,
             workers=args.workers,

@@ -162,7 +162,9 @@ class Objective:
             raise Surplus(f"the study already has its {self.n_trials} trials")
 
     def configs(self, sampled: Sequence[str]) -> list[Config]:
-        base = [*self.spec.base(), *self.spec.run_overrides(), *sampled]
+        # a trial is re-run whole when its worker dies: training checkpoints would only
+        # fill the disk (pruned trials end KILLED, which keeps them)
+        base = [*self.spec.base(), "checkpoint.every=0", *self.spec.run_overrides(), *sampled]
         return [compose([*base, f"seed={s}"]) for s in self.spec.objective.seeds]
 
     def __call__(self, trial: optuna.Trial) -> float:

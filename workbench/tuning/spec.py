@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from workbench.config import Config, ConfigError, compose, conf_dir
+from workbench.specfile import compose_error_text
 
 GROUPS = ("env", "agent", "noise", "schedule", "tracking")
 PARAM_TYPES = ("float", "int", "categorical")
@@ -573,7 +574,11 @@ def _check_against_config(spec: StudySpec, c: _Problems) -> None:
             c.problems.append(f"base: {p}")
         return
     except Exception as err:
-        c.fail("base.overrides", list(spec.base_overrides), f"do not compose: {_short(err)}")
+        c.fail(
+            "base.overrides",
+            list(spec.base_overrides),
+            f"do not compose: {compose_error_text(err)}",
+        )
         return
     for p in spec.space:
         if p.is_group:
@@ -593,9 +598,75 @@ def _check_against_config(spec: StudySpec, c: _Problems) -> None:
     try:
         compose([*spec.base(), *spec.run_overrides(), *to_overrides(point)], validate_config=False)
     except Exception as err:
-        c.fail("space", point, f"the sampled values do not compose: {_short(err)}")
+        c.fail("space", point, f"the sampled values do not compose: {compose_error_text(err)}")
 
 
-def _short(err: BaseException) -> str:
-    text = " ".join(str(err).split())
-    return text[:400]
+class _Corner:
+    """A stand-in for an Optuna trial that picks one corner of the search space: every number
+    at its low end or at its highest reachable value, and choice ``choice`` (wrapping) of
+    every categorical."""
+
+    def __init__(self, high: bool, choice: int):
+        self.high, self.choice = high, choice
+
+    def suggest_float(
+        self, name: str, low: float, high: float, *, log: bool = False, step: float | None = None
+    ) -> float:
+        if not self.high:
+            return low
+        if step:  # Optuna's largest grid point: low + k * step <= high
+            return low + math.floor((high - low) / step + 1e-9) * step
+        return high
+
+    def suggest_int(
+        self, name: str, low: int, high: int, *, log: bool = False, step: int = 1
+    ) -> int:
+        return low + (high - low) // step * step if self.high else low
+
+    def suggest_categorical(self, name: str, choices: Sequence[Any]) -> Any:
+        return choices[self.choice % len(choices)]
+
+
+def check_ranges(spec: StudySpec, *, source: str = "study spec") -> None:
+    """Raise SpecError if a trial could draw a value the config rejects (``agent.gamma`` up to
+    1.5, ``agent.batch_size`` above the buffer). Checked at corners of the space: every choice
+    of the categoricals, each with all numbers at their lows and at their highs, conditions
+    applied as a trial applies them (so a parameter is only checked where it is active).
+
+    Separate from ``parse_spec`` because it gates *running* trials: a spec stored with an
+    existing study must still load for a report.
+    """
+    n_choices = max([1, *(len(p.choices) for p in spec.space)])
+    c = _Problems()
+    for choice in range(n_choices):
+        for high in (False, True):
+            point = sample(_Corner(high, choice), spec.space)
+            try:
+                compose([*spec.base(), *spec.run_overrides(), *to_overrides(point)])
+            except ConfigError as err:
+                for problem in err.problems:
+                    text = _range_problem(spec, point, problem, high)
+                    if text not in c.problems:
+                        c.problems.append(text)
+            except Exception as err:  # parse_spec composed one such point already
+                c.fail(
+                    "space", point, f"the sampled values do not compose: {compose_error_text(err)}"
+                )
+    if c.problems:
+        raise SpecError(c.problems, source=source)
+
+
+def _range_problem(spec: StudySpec, point: Mapping[str, Any], problem: str, high: bool) -> str:
+    """``space.<key>.<low|high|choices>=<as written>: ...``, naming the parameter at fault."""
+    key = re.split(r"[=:]", problem, maxsplit=1)[0].strip()
+    param = next((p for p in spec.space if p.name == key), None)
+    if param is None:  # a rule between keys, e.g. an exponential schedule and noise.sigma
+        where, value = "space", dict(point)
+    elif param.type == "categorical":
+        where, value = f"space.{key}.choices", list(param.choices)
+    else:
+        where, value = (
+            f"space.{key}.{'high' if high else 'low'}",
+            (param.high if high else param.low),
+        )
+    return f"{where}={value!r}: a trial can draw a value the config rejects: {problem}"

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from workbench.tracking import redact
+from workbench.tracking import driver_url, redact
 
 if TYPE_CHECKING:
     from workbench.tuning.spec import StudySpec
@@ -98,18 +98,6 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 def default_storage(spec: StudySpec, tracking_dir: str | Path) -> str:
     path = Path(tracking_dir).expanduser().resolve() / "optuna" / f"{spec.name}.db"
     return f"sqlite:///{path}"
-
-
-def driver_url(url: str) -> str:
-    """``postgresql://`` with the driver we declare: SQLAlchemy 2.1 maps a bare
-    ``postgresql://`` to psycopg 3, while the ``postgres`` extra installs psycopg2."""
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme in ("postgresql", "postgres"):
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-            return f"postgresql+psycopg2://{rest}"
-    return url
 
 
 def make_storage(
