@@ -215,6 +215,11 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_study_finishes
     run = _client(tmp_path).get_run(victim.user_attrs[MLFLOW_RUN])
     assert run.info.status == "FAILED"
     assert "heartbeat" in run.data.tags["workbench.status_reason"]
+    # every counted trial has its MLflow run, finished, with its score
+    for t in trials:
+        if t.state == TrialState.COMPLETE:
+            done = _client(tmp_path).get_run(t.user_attrs[MLFLOW_RUN])
+            assert done.info.status == "FINISHED" and "trial/score" in done.data.metrics
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used")
