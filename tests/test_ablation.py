@@ -134,3 +134,43 @@ def test_cli_ablate_rejects_a_bad_spec(tmp_path):
     assert proc.returncode == 2
     assert "variant 'b': overrides do not compose" in proc.stderr
     assert not (tmp_path / "mlruns").exists()
+
+
+class _KillAt:
+    def __init__(self, step):
+        self.step = step
+
+    def on_evaluation(self, step, metrics, agent):
+        if step == self.step:
+            raise KeyboardInterrupt
+
+
+def test_a_killed_run_continues_from_its_checkpoint(tmp_path):
+    """Re-running an ablation continues a killed child from its checkpoint, in the same MLflow
+    run, instead of starting it over."""
+    from workbench.ablation import ABLATION_TAG, ROLE_TAG, VARIANT_TAG, plan
+    from workbench.config import compose
+    from workbench.tracking import make_tracker
+    from workbench.train import train
+
+    spec = load_spec(_tiny(tmp_path, seeds="[0]"))
+    spec.base.append("checkpoint.every=200")
+    job = plan(spec)[0]
+    cfg = compose(list(job.overrides))
+    killed = make_tracker(cfg.tracking, run_name="ddpg-s0")
+    tags = {ABLATION_TAG: "tiny", VARIANT_TAG: job.variant, ROLE_TAG: "child"}
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, killed, hooks=[_KillAt(400)], tags=tags)  # after the checkpoint at 200
+
+    result = run_ablation(spec, workers=1, out_dir=tmp_path / "report")
+    assert (result.ran, result.failed) == (2, [])
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("ablation-tiny")
+    mine = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("workbench.variant") == job.variant
+    ]
+    assert [r.info.run_id for r in mine] == [killed.run_id]  # continued, not redone
+    assert mine[0].info.status == "FINISHED"
+    assert mine[0].data.tags["workbench.resumed_at_step"] == "200"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import logging
 import math
 import sys
@@ -25,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from workbench import stats
+from workbench.checkpoint import CheckpointError, prepare_resume
 from workbench.config import ConfigError, compose, config_hash
 from workbench.specfile import SpecError, check_keys, compose_error_text, load_yaml
 from workbench.tracking import (
@@ -168,6 +170,7 @@ class Job:
     seed: int
     overrides: tuple[str, ...]
     config_hash: str
+    resume: str | None = None  # an unfinished run of this variant and seed to continue
 
 
 def plan(spec: AblationSpec) -> list[Job]:
@@ -192,13 +195,27 @@ def run_jobs(jobs: Sequence[Job], ablation: str, parent_run_id: str | None) -> N
 
     _setup_logging()
     for job in jobs:
-        cfg = compose(list(job.overrides))
+        cfg, state = compose(list(job.overrides)), None
+        if job.resume is not None:
+            try:
+                cfg, state = prepare_resume(compose([*job.overrides, f"resume={job.resume}"]), ())
+            except CheckpointError as err:
+                log.warning(
+                    "%s seed %d: run %s cannot be continued (%s); starting afresh",
+                    job.variant,
+                    job.seed,
+                    job.resume,
+                    err,
+                )
         tracker = make_tracker(
-            cfg.tracking, run_name=f"{job.variant}-s{job.seed}", parent_run_id=parent_run_id
+            cfg.tracking,
+            run_name=f"{job.variant}-s{job.seed}",
+            parent_run_id=parent_run_id,
+            resume_run_id=cfg.resume,
         )
         tags = {ABLATION_TAG: ablation, VARIANT_TAG: job.variant, ROLE_TAG: "child"}
         try:
-            train(cfg, tracker, tags=tags)
+            train(cfg, tracker, tags=tags, resume_state=state)
         except Exception as err:
             log.error("%s seed %d failed: %s", job.variant, job.seed, err)
 
@@ -222,6 +239,22 @@ def _finished_children(uri: str, spec: AblationSpec) -> list[RunRecord]:
             "and attributes.status = 'FINISHED'"
         ),
     )
+
+
+def _unfinished_children(uri: str, spec: AblationSpec) -> dict[tuple[str | None, str | None], str]:
+    """The newest KILLED or abandoned (still RUNNING) child per config hash and seed: a run a
+    worker can continue from its checkpoint instead of starting over."""
+    runs = search_runs(
+        uri,
+        experiments=[spec.experiment],
+        filter_string=f"tags.`{ABLATION_TAG}` = '{spec.name}' and tags.`{ROLE_TAG}` = 'child'",
+    )
+    newest: dict[tuple[str | None, str | None], str] = {}
+    for run in runs:  # MLflow lists the newest first
+        if run.status not in ("KILLED", "RUNNING"):
+            continue
+        newest.setdefault(_key(run), run.run_id)
+    return newest
 
 
 def _key(run: RunRecord) -> tuple[str | None, str | None]:
@@ -281,13 +314,20 @@ def run_ablation(
             parent.log_artifact(spec.path, "spec")
         jobs = plan(spec)
         done = {_key(r) for r in _finished_children(uri, spec)}
-        todo = [j for j in jobs if (j.config_hash, str(j.seed)) not in done]
+        unfinished = _unfinished_children(uri, spec)
+        todo = [
+            dataclasses.replace(j, resume=unfinished.get((j.config_hash, str(j.seed))))
+            for j in jobs
+            if (j.config_hash, str(j.seed)) not in done
+        ]
         log.info(
-            "ablation %s: %d runs, %d already finished, %d to run with %d worker(s)",
+            "ablation %s: %d runs, %d already finished, %d to run (%d to continue from a "
+            "checkpoint where one is left) with %d worker(s)",
             spec.name,
             len(jobs),
             len(jobs) - len(todo),
             len(todo) if run else 0,
+            sum(j.resume is not None for j in todo) if run else 0,
             workers,
         )
         if run:
