@@ -108,6 +108,7 @@ def test_interrupted_run_resumes_into_the_same_run_and_matches_the_uninterrupted
     assert _history(store, resumed.run_id) == _history(store, whole.run_id)
     # a finished run needs no checkpoint: its folder is gone
     assert not list_checkpoints(store[0] / "checkpoints" / run.info.run_id)
+    assert run.data.tags["workbench.checkpoint_dir"] == "(deleted: the run finished)"
 
 
 def test_periodic_checkpoints_are_pruned_and_a_mid_episode_one_resumes(store, caplog):

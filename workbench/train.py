@@ -752,6 +752,8 @@ def _train(
         if result.status != "RUNNING":  # ended early: its checkpoints stay for a resume
             ckpt_lock.release()
     result.status = "FINISHED"
+    if not ck.keep_after_finish and ckpt_lock.directory.is_dir():
+        tracker.set_tags({"workbench.checkpoint_dir": "(deleted: the run finished)"})
     tracker.end("FINISHED")
     if ck.keep_after_finish:
         ckpt_lock.release()
