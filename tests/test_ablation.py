@@ -174,3 +174,54 @@ def test_a_killed_run_continues_from_its_checkpoint(tmp_path):
     assert [r.info.run_id for r in mine] == [killed.run_id]  # continued, not redone
     assert mine[0].info.status == "FINISHED"
     assert mine[0].data.tags["workbench.resumed_at_step"] == "200"
+
+
+def test_ctrl_c_checkpoints_every_run_and_a_rerun_continues_them(tmp_path):
+    """Ctrl-C on ``workbench ablate`` (SIGINT to the whole process group, as a terminal
+    sends it): each worker checkpoints its run and stops; the re-run continues both."""
+    import os
+    import signal
+    import time
+
+    path = _tiny(tmp_path, seeds="[0]")
+    base = TINY[:-1] + ", checkpoint.every=1000]"
+    path.write_text(path.read_text().replace(TINY, base).replace("steps: 400", "steps: 5000"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "ablate", str(path), "--workers", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    folder = tmp_path / "mlruns" / "checkpoints"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # both runs past their first checkpoint
+        if folder.is_dir() and len(list(folder.glob("*/step-*.pt"))) >= 2:
+            break
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-3000:]
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    exp = client.get_experiment_by_name("ablation-tiny")
+    children = [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("workbench.role") == "child"
+    ]
+    assert len(children) == 2
+    for run in children:
+        assert run.info.status == "KILLED"
+        assert "checkpoint written" in run.data.tags["workbench.status_reason"]
+
+    result = run_ablation(load_spec(path), workers=2, out_dir=tmp_path / "report")
+    assert (result.ran, result.failed) == (2, [])
+    again = {
+        r.info.run_id: r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("workbench.role") == "child"
+    }
+    assert set(again) == {r.info.run_id for r in children}  # the same two runs, continued
+    for run in again.values():
+        assert run.info.status == "FINISHED" and "workbench.resumed_at_step" in run.data.tags

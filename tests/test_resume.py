@@ -35,12 +35,14 @@ class _Signal:
     """Sends this process a signal after the evaluation at ``step`` (Pendulum episodes are
     200 steps, so the run is at an episode boundary then), ``times`` times."""
 
-    def __init__(self, step, sig=signal.SIGINT, times=1):
-        self.step, self.sig, self.times = step, sig, times
+    def __init__(self, step, sig=signal.SIGINT, times=1, gap_s=0.0):
+        self.step, self.sig, self.times, self.gap_s = step, sig, times, gap_s
 
     def on_evaluation(self, step, metrics, agent):
         if step == self.step:
-            for _ in range(self.times):
+            for i in range(self.times):
+                if i:
+                    time.sleep(self.gap_s)
                 os.kill(os.getpid(), self.sig)
 
 
@@ -115,7 +117,8 @@ def test_periodic_checkpoints_are_pruned_and_a_mid_episode_one_resumes(store, ca
     # wait_steps=0: written at once, mid-episode (steps 700, 1400: not episode boundaries)
     cfg = _cfg(store, "checkpoint.every=700", "checkpoint.keep=1", "checkpoint.wait_steps=0")
     with pytest.raises(KeyboardInterrupt):
-        train(cfg, hooks=[_Signal(1200, times=2)], handle_signals=True)  # 2nd: stop now
+        # a second Ctrl-C (over a second later) stops at once, without a new checkpoint
+        train(cfg, hooks=[_Signal(1200, times=2, gap_s=1.2)], handle_signals=True)
     run = _only_run(store)
     assert run.info.status == "KILLED"
     reason = run.data.tags["workbench.status_reason"]
@@ -130,6 +133,14 @@ def test_periodic_checkpoints_are_pruned_and_a_mid_episode_one_resumes(store, ca
     # points logged between the checkpoint (700) and the kill (1200) appear twice
     steps = [s for s, _ in metric_history(store[1], run.info.run_id, "eval/return_mean")]
     assert sorted(steps) == [400, 800, 800, 1200, 1200, 1600]
+
+
+def test_one_ctrl_c_arriving_twice_is_one_interrupt(store):
+    """Terminal Ctrl-C plus the SIGTERM a parent forwards: still a checkpoint, then stop."""
+    cfg = _cfg(store, "eval.every=300")
+    hook = _Signal(900, times=2)  # SIGINT and, at once, another
+    with pytest.raises(Interrupted, match=r"at step 1000"):
+        train(cfg, hooks=[hook], handle_signals=True)
 
 
 def test_sigterm_waits_for_the_episode_boundary(store):

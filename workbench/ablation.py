@@ -215,7 +215,8 @@ def run_jobs(jobs: Sequence[Job], ablation: str, parent_run_id: str | None) -> N
         )
         tags = {ABLATION_TAG: ablation, VARIANT_TAG: job.variant, ROLE_TAG: "child"}
         try:
-            train(cfg, tracker, tags=tags, resume_state=state)
+            # Ctrl-C: a checkpoint at the next episode boundary, then this worker stops
+            train(cfg, tracker, tags=tags, resume_state=state, handle_signals=True)
         except Exception as err:
             log.error("%s seed %d failed: %s", job.variant, job.seed, err)
 

@@ -302,6 +302,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"workbench: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        print(f"workbench: interrupted ({err or 'Ctrl-C'})", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -77,9 +77,12 @@ class Interrupted(KeyboardInterrupt):
 class _Interrupts:
     """First SIGINT/SIGTERM: ask the loop to checkpoint and stop. Second: stop at once.
 
-    Installed only where asked (``workbench train``) and only in the main thread; worker
-    processes of studies and ablations keep their own handling (see workbench.parallel).
+    Installed only where asked (``workbench train``, ablation workers) and only in the main
+    thread. A signal within a second of the first counts as the same interrupt: a terminal's
+    Ctrl-C reaches a worker both directly and forwarded by its parent (workbench.parallel).
     """
+
+    SAME_INTERRUPT_S = 1.0
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
@@ -105,6 +108,8 @@ class _Interrupts:
 
     def _handle(self, signum: int, _frame: Any) -> None:
         if self.signum is not None:
+            if time.monotonic() - self.at < self.SAME_INTERRUPT_S:
+                return  # one Ctrl-C reaching us twice: from the terminal and from a parent
             raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name})")
         self.signum, self.at = signum, time.monotonic()
         log.warning(
