@@ -112,6 +112,7 @@ def _assert_nothing_created(root: Path) -> None:
     assert dbs == [], "an MLflow store or Optuna storage was created"
     assert not list(root.rglob("optuna")), "an Optuna storage folder was created"
     assert not list(root.rglob("artifacts")), "MLflow artifacts were written"
+    assert not list(root.rglob("hydra")), "a Hydra output folder was made"
 
 
 def _check(cli, tmp_path, command, payload, code, fragments):

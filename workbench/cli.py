@@ -88,10 +88,11 @@ def _train_task(raw: Any) -> None:
 
 
 def _compose_problem(argv: Sequence[str]) -> str | None:
-    """Why a plain list of overrides does not compose, in our words (None: it does).
+    """Why a plain list of overrides does not compose or validate, in our words (None: fine).
 
-    Hydra would print its own multi-line text and exit 1; flags (``-m``, ``--cfg``) and
-    ``hydra`` overrides are left to Hydra.
+    Checked before Hydra starts: Hydra would print its own multi-line text and exit 1 for an
+    override it cannot compose, and it makes its output folder before our task validates.
+    Flags (``-m``, ``--cfg``) and ``hydra`` overrides are left to Hydra.
     """
     from workbench.config import ConfigError, compose
     from workbench.specfile import compose_error_text
@@ -100,7 +101,7 @@ def _compose_problem(argv: Sequence[str]) -> str | None:
     if any(a.startswith("-") for a in argv) or any(k.startswith("hydra") for k in keys):
         return None
     try:
-        compose(argv, validate_config=False)
+        compose(argv)
     except ConfigError as err:
         return str(err)
     except Exception as err:
