@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-_ACTIVATIONS: dict[str, type[nn.Module]] = {
+ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
     "tanh": nn.Tanh,
     "elu": nn.ELU,
@@ -32,7 +32,7 @@ def mlp(
         layers.append(nn.Linear(prev, width))
         if layer_norm:
             layers.append(nn.LayerNorm(width))
-        layers.append(_ACTIVATIONS[activation]())
+        layers.append(ACTIVATION_MODULES[activation]())
         prev = width
     layers.append(nn.Linear(prev, out_dim))
     return nn.Sequential(*layers)

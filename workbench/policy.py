@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from workbench.networks import _ACTIVATIONS, Actor, ObsNormalizer
+from workbench.networks import ACTIVATION_MODULES, Actor, ObsNormalizer
 
 POLICY_FILE = "policy.pt2"
 WEIGHTS_FILE = "weights.pt"
@@ -54,7 +54,7 @@ class ExportedPolicy(nn.Module):
 def describe(actor: Actor, obs_norm: ObsNormalizer) -> dict[str, Any]:
     """The architecture of an actor and normalizer, enough to rebuild them from weights."""
     linears = [m for m in actor.net if isinstance(m, nn.Linear)]
-    names = {cls: name for name, cls in _ACTIVATIONS.items()}
+    names = {cls: name for name, cls in ACTIVATION_MODULES.items()}
     activation = next(names[type(m)] for m in actor.net if type(m) in names)
     return {
         "hidden": [m.out_features for m in linears[:-1]],
