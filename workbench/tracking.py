@@ -976,6 +976,79 @@ class MlflowTracker:
 # ----------------------------------------------------------------------------- download
 
 
+class RunHandle:
+    """Writes to a run this process did not start: a study's parent run from its workers, or
+    the runs of a worker that died. Each call goes to the store at once (no writer thread)
+    and never raises on store errors: these are summaries and clean-ups, not the record."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.uri, self.run_id = uri, run_id
+        self._client = _client(uri)
+
+    def _try(self, what: str, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)  # a store error must not stop a study for a summary
+        except Exception as err:
+            log.warning("could not %s run %s: %s", what, self.run_id, _one_line(err))
+
+    def reopen(self, reason: str) -> bool:
+        """Mark the run RUNNING again; False if the store has no such (active) run."""
+        try:
+            run = self._client.get_run(self.run_id)
+        except Exception:
+            return False
+        if run.info.lifecycle_stage != "active":
+            return False
+        self._client.update_run(self.run_id, status="RUNNING")
+        self._client.set_tag(self.run_id, REASON_TAG, reason)
+        return True
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        points = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
+        self._try(
+            "log metrics to",
+            lambda: self._client.log_batch(self.run_id, metrics=points, synchronous=True),
+        )
+
+    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
+        self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        for k, v in tags.items():
+            self._try("tag", self._client.set_tag, self.run_id, k, redact(str(v)))
+
+    def end(self, status: str, reason: str | None = None) -> None:
+        self._end(self.run_id, status, reason)
+
+    def end_with_running_children(self, status: str, reason: str) -> None:
+        """End this run and its children still RUNNING (a dead worker's trial and seeds)."""
+        try:
+            run = self._client.get_run(self.run_id)
+            children = self._client.search_runs(
+                [run.info.experiment_id],
+                filter_string=f"tags.`{PARENT_TAG}` = '{self.run_id}' "
+                "and attributes.status = 'RUNNING'",
+            )
+        except Exception as err:
+            log.warning("could not find the runs under %s: %s", self.run_id, _one_line(err))
+            return
+        for r in [*children, run]:
+            if r.info.status == "RUNNING":
+                self._end(r.info.run_id, status, reason)
+
+    def _end(self, run_id: str, status: str, reason: str | None) -> None:
+        _check_status(status)
+        try:
+            if reason:
+                self._client.set_tag(run_id, REASON_TAG, redact(reason))
+            self._client.set_terminated(run_id, status)
+        except Exception as err:
+            log.warning("could not end run %s: %s", run_id, _one_line(err))
+
+
 def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
     """Fetch a run's artifacts (``workbench eval <run-id>``); ValueError if there is no such run
     or artifact, TrackingError if the store cannot be reached."""

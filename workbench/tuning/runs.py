@@ -22,9 +22,8 @@ from typing import Any
 from workbench.config import TrackingConfig
 from workbench.tracking import (
     MlflowTracker,
+    RunHandle,
     Tracker,
-    TrackingError,
-    _client,
     git_info,
     make_tracker,
     redact,
@@ -36,7 +35,6 @@ STUDY_TAG = "workbench.study"
 TRIAL_TAG = "workbench.trial"
 STATE_TAG = "workbench.trial_state"
 ROLE_TAG = "workbench.role"
-REASON_TAG = "workbench.status_reason"
 
 
 def trial_run_name(number: int) -> str:
@@ -48,7 +46,7 @@ class ParentRun:
 
     def __init__(self, uri: str, run_id: str, tracker: Tracker | None = None):
         self.uri, self.run_id, self._tracker = uri, run_id, tracker
-        self._client = _client(uri)
+        self._handle = RunHandle(uri, run_id)
 
     @classmethod
     def open(
@@ -64,14 +62,7 @@ class ParentRun:
     ) -> ParentRun:
         """Reopen ``existing`` (a resumed study) if this store has it, else start a new run."""
         if existing:
-            client = _client(uri)
-            try:
-                run = client.get_run(existing)
-            except Exception:
-                run = None
-            if run is not None and run.info.lifecycle_stage == "active":
-                client.update_run(existing, status="RUNNING")
-                client.set_tag(existing, REASON_TAG, "resumed")
+            if RunHandle(uri, existing).reopen(reason="resumed"):
                 return cls(uri, existing)
             log.warning("parent run %s is not in %s: starting a new one", existing, redact(uri))
         tracker = make_tracker(tracking, run_name=f"study-{name}")
@@ -81,34 +72,20 @@ class ParentRun:
         return cls(uri, tracker.run_id, tracker)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        from mlflow.entities import Metric
-
-        from workbench.tracking import _one_line
-
-        now = _now_ms()
-        points = [Metric(k, float(v), now, int(step)) for k, v in metrics.items()]
-        try:
-            self._client.log_batch(self.run_id, metrics=points, synchronous=True)
-        except Exception as err:  # a study must not die for a summary metric
-            log.warning("could not log study metrics to %s: %s", self.run_id, _one_line(err))
+        # straight to the store: several workers write this run, none owns it
+        self._handle.log_metrics(metrics, step)
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        self._handle.log_artifacts(local_dir, artifact_path)
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
-        for k, v in tags.items():
-            self._client.set_tag(self.run_id, k, redact(str(v)))
+        self._handle.set_tags(tags)
 
     def end(self, status: str, reason: str | None = None) -> None:
         if self._tracker is not None:
             self._tracker.end(status, reason)
-            return
-        try:
-            if reason:
-                self._client.set_tag(self.run_id, REASON_TAG, reason)
-            self._client.set_terminated(self.run_id, status)
-        except Exception as err:
-            log.warning("could not end the study run %s: %s", self.run_id, err)
+        else:
+            self._handle.end(status, reason)
 
 
 def parent_logger(uri: str, run_id: str) -> ParentRun:
@@ -119,20 +96,12 @@ def parent_logger(uri: str, run_id: str) -> ParentRun:
 def end_abandoned_trial(uri: str, trial_run_id: str, reason: str) -> None:
     """End a dead worker's trial run and its RUNNING seed runs as FAILED."""
     try:
-        client = _client(uri)
-        run = client.get_run(trial_run_id)
-        children = client.search_runs(
-            [run.info.experiment_id],
-            filter_string=f"tags.`mlflow.parentRunId` = '{trial_run_id}' "
-            "and attributes.status = 'RUNNING'",
-        )
-        for r in [*children, run]:
-            if r.info.status == "RUNNING":
-                client.set_tag(r.info.run_id, REASON_TAG, reason)
-                client.set_terminated(r.info.run_id, "FAILED")
-        client.set_tag(trial_run_id, STATE_TAG, "failed")
-    except (TrackingError, Exception) as err:
+        handle = RunHandle(uri, trial_run_id)
+    except Exception as err:
         log.warning("could not end the MLflow runs of a dead worker's trial: %s", err)
+        return
+    handle.end_with_running_children("FAILED", reason)
+    handle.set_tags({STATE_TAG: "failed"})
 
 
 def start_trial_run(
@@ -146,12 +115,6 @@ def start_trial_run(
     tracker = make_tracker(tracking, run_name=trial_run_name(number), parent_run_id=parent_run_id)
     tracker.start(params=params, tags=tags)
     return tracker
-
-
-def _now_ms() -> int:
-    import time
-
-    return int(time.time() * 1000)
 
 
 __all__ = [
