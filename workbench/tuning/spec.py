@@ -244,6 +244,15 @@ class _Problems:
     def fail(self, key: str, value: Any, allowed: str) -> None:
         self.problems.append(f"{key}={value!r}: {allowed}")
 
+    def unknown_keys(
+        self, mapping: dict[Any, Any], allowed: Sequence[str], prefix: str = ""
+    ) -> None:
+        for key in mapping:
+            if key not in allowed:
+                self.fail(
+                    f"{prefix}{key}", mapping[key], f"unknown key; allowed: {', '.join(allowed)}"
+                )
+
 
 def _num(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
@@ -254,9 +263,7 @@ def _int(x: Any) -> bool:
 
 
 def _build(raw: dict[str, Any], text: str, c: _Problems) -> StudySpec | None:
-    for key in raw:
-        if key not in _TOP_KEYS:
-            c.fail(key, raw[key], f"unknown key; allowed: {', '.join(_TOP_KEYS)}")
+    c.unknown_keys(raw, _TOP_KEYS)
 
     name = raw.get("name")
     if not isinstance(name, str) or not _NAME.match(name):
@@ -267,9 +274,7 @@ def _build(raw: dict[str, Any], text: str, c: _Problems) -> StudySpec | None:
     if not isinstance(base, dict):
         c.fail("base", base, "must be a mapping with preset and/or overrides")
     else:
-        for key in base:
-            if key not in ("preset", "overrides"):
-                c.fail(f"base.{key}", base[key], "unknown key; allowed: preset, overrides")
+        c.unknown_keys(base, ("preset", "overrides"), "base.")
         preset = base.get("preset")
         if preset is not None:
             presets = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
@@ -314,9 +319,7 @@ def _build(raw: dict[str, Any], text: str, c: _Problems) -> StudySpec | None:
     if not isinstance(tracking, dict):
         c.fail("tracking", tracking, "must be a mapping with experiment and/or uri")
     else:
-        for key in tracking:
-            if key not in ("experiment", "uri"):
-                c.fail(f"tracking.{key}", tracking[key], "unknown key; allowed: experiment, uri")
+        c.unknown_keys(tracking, ("experiment", "uri"), "tracking.")
         experiment, tracking_uri = tracking.get("experiment"), tracking.get("uri")
         for key, v in (("experiment", experiment), ("uri", tracking_uri)):
             if v is not None and (not isinstance(v, str) or not v):
@@ -327,9 +330,7 @@ def _build(raw: dict[str, Any], text: str, c: _Problems) -> StudySpec | None:
     if not isinstance(hb, dict):
         c.fail("heartbeat", hb, "must be a mapping with interval and grace_period (seconds)")
     else:
-        for key in hb:
-            if key not in ("interval", "grace_period"):
-                c.fail(f"heartbeat.{key}", hb[key], "unknown key; allowed: interval, grace_period")
+        c.unknown_keys(hb, ("interval", "grace_period"), "heartbeat.")
         interval, grace = hb.get("interval", 10), hb.get("grace_period", 60)
         if not _int(interval) or interval < 1:
             c.fail("heartbeat.interval", interval, "must be an integer >= 1 (seconds)")
@@ -368,10 +369,7 @@ def _objective(raw: Any, c: _Problems) -> ObjectiveSpec | None:
     if not isinstance(raw, dict):
         c.fail("objective", raw, "must be a mapping (metric, direction, score, k, seeds, ...)")
         return None
-    allowed = ("metric", "direction", "score", "k", "seeds", "aggregate")
-    for key in raw:
-        if key not in allowed:
-            c.fail(f"objective.{key}", raw[key], f"unknown key; allowed: {', '.join(allowed)}")
+    c.unknown_keys(raw, ("metric", "direction", "score", "k", "seeds", "aggregate"), "objective.")
     d = ObjectiveSpec()
     metric = raw.get("metric", d.metric)
     direction = raw.get("direction", d.direction)
@@ -422,10 +420,7 @@ def _space(raw: Any, c: _Problems) -> tuple[ParamSpec, ...] | None:
         if not isinstance(d, dict):
             c.fail(key, d, "must be a mapping with type and its range or choices")
             continue
-        allowed = ("type", "low", "high", "log", "step", "choices", "when")
-        for k in d:
-            if k not in allowed:
-                c.fail(f"{key}.{k}", d[k], f"unknown key; allowed: {', '.join(allowed)}")
+        c.unknown_keys(d, ("type", "low", "high", "log", "step", "choices", "when"), f"{key}.")
         n_before = len(c.problems)
         _check_path(name, c)
         ptype = d.get("type")
