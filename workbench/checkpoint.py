@@ -173,10 +173,6 @@ RESUME_OVERRIDABLE = (
 )
 
 
-def _override_key(override: str) -> str:
-    return override.split("=", 1)[0].lstrip("+~")
-
-
 def _overridable(key: str) -> bool:
     return any(key == k or key.startswith(f"{k}.") for k in RESUME_OVERRIDABLE)
 
@@ -202,10 +198,10 @@ def prepare_resume(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict[
     """
     from omegaconf import OmegaConf
 
-    from workbench.config import ConfigError, to_config, validate
+    from workbench.config import ConfigError, override_key, to_config, validate
 
     assert cfg.resume is not None
-    keys = [_override_key(o) for o in overrides if not o.startswith("hydra")]
+    keys = [override_key(o) for o in overrides if not o.startswith("hydra")]
     refused = [k for k in keys if not _overridable(k)]
     if refused:
         allowed = ", ".join(k for k in RESUME_OVERRIDABLE if k != "resume")

@@ -94,10 +94,10 @@ def _compose_problem(argv: Sequence[str]) -> str | None:
     override it cannot compose, and it makes its output folder before our task validates.
     Flags (``-m``, ``--cfg``) and ``hydra`` overrides are left to Hydra.
     """
-    from workbench.config import ConfigError, compose
+    from workbench.config import ConfigError, compose, override_key
     from workbench.specfile import compose_error_text
 
-    keys = [a.split("=", 1)[0].lstrip("+~") for a in argv]
+    keys = [override_key(a) for a in argv]
     if any(a.startswith("-") for a in argv) or any(k.startswith("hydra") for k in keys):
         return None
     try:

@@ -256,6 +256,11 @@ def _unknown_keys(node: Any, schema: type, prefix: str = "") -> list[str]:
     return problems
 
 
+def override_key(override: str) -> str:
+    """The key a Hydra override sets: ``+agent.tau=0.1`` -> ``agent.tau``."""
+    return override.split("=", 1)[0].lstrip("+~")
+
+
 def to_config(cfg: DictConfig | Config) -> Config:
     """Resolve interpolations and turn a composed DictConfig into the typed Config."""
     if isinstance(cfg, Config):
