@@ -7,7 +7,15 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
-from workbench.config import ConfigError, compose, conf_dir, config_hash, flatten, to_dict
+from workbench.config import (
+    ConfigError,
+    compose,
+    conf_dir,
+    config_hash,
+    flatten,
+    is_runtime_key,
+    to_dict,
+)
 
 GROUPS = ["env", "agent", "noise", "schedule", "tracking"]
 
@@ -132,10 +140,88 @@ def test_unknown_keys_and_wrong_types_fail_at_compose(overrides, exc, message):
     assert message in str(err.value)
 
 
-def test_config_hash_ignores_seed_and_tracking_only():
+def test_config_hash_ignores_seed_and_what_never_changes_learning():
     base = compose([])
-    assert config_hash(base) == config_hash(compose(["seed=7", "tracking.experiment=x"]))
+    same = ["seed=7", "tracking.experiment=x", "device=cpu", "torch_threads=2", "eval.video=false"]
+    assert config_hash(base) == config_hash(compose(same))
     assert config_hash(base) != config_hash(compose(["agent.tau=0.01"]))
+    assert config_hash(base) != config_hash(compose(["eval.episodes=3"]))
+
+
+def test_resume_may_change_exactly_the_keys_the_hash_leaves_out():
+    """One list: a key a resumed run may change is a key the config hash ignores."""
+    base = compose([])
+    for key, value in flatten(to_dict(base)).items():
+        if is_runtime_key(key) and isinstance(value, int) and not isinstance(value, bool):
+            changed = compose([f"{key}=7"], validate_config=False)
+            assert config_hash(changed) == config_hash(base), key
+    assert is_runtime_key("device") and is_runtime_key("perf.compile")
+    assert not is_runtime_key("agent.tau") and not is_runtime_key("eval.episodes")
+
+
+INERT = [
+    (["noise=gaussian", "noise.theta=0.3"], "noise.theta=0.3", "only noise.kind=ou uses it"),
+    (["noise=ou", "noise.adapt_every=10"], "noise.adapt_every=10", "only noise.kind=param"),
+    (["schedule=constant", "schedule.end=0.05"], "schedule.end=0.05", "schedule.kind=constant"),
+    (["epsilon.start=0.2", "epsilon.end=0.1"], "epsilon.end=0.1", "epsilon.kind=constant"),
+    (["noise=none", "noise.sigma=0.3"], "noise.sigma=0.3", "noise.kind=none adds no noise"),
+    (["noise=none", "schedule=linear"], "schedule.kind='linear'", "noise.kind=none"),
+    (["schedule=constant", "schedule.duration=0.5"], "schedule.duration=0.5", "kind=constant"),
+    (["agent=ddpg", "agent.target_noise_clip=0.3"], "agent.target_noise_clip=0.3", "noise=0"),
+]
+
+
+@pytest.mark.parametrize(("overrides", "key", "why"), INERT, ids=lambda x: str(x))
+def test_a_key_that_does_nothing_is_refused_and_left_out_of_the_hash(overrides, key, why):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides)
+    (problem,) = [p for p in err.value.problems if p.startswith(key)]
+    assert "does nothing here" in problem and why in problem
+    # and it could not split a group of seeds: the hash ignores it
+    unset = overrides[:-1]
+    assert config_hash(compose(overrides, validate_config=False)) == config_hash(compose(unset))
+
+
+def test_the_same_keys_do_something_where_they_are_used():
+    for overrides in (
+        ["noise=ou", "noise.theta=0.3"],
+        ["schedule=linear", "schedule.end=0.05", "schedule.duration=0.5"],
+        ["epsilon.start=0.2", "epsilon.kind=linear", "epsilon.end=0.0"],
+        ["agent=td3", "agent.target_noise_clip=0.3"],
+    ):
+        cfg = compose(overrides)
+        assert config_hash(cfg) != config_hash(compose(overrides[:1])), overrides
+
+
+IDENTITY = {"env": ("name", "id"), "agent": ("name",), "noise": ("kind",), "schedule": ("kind",)}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_group_options_restate_no_schema_default(group):
+    """The dataclasses hold every default once; an option holds only what it changes (and
+    its own name), so the two can never disagree again."""
+    import dataclasses
+
+    import yaml
+
+    from workbench.config import Config
+
+    section = getattr(Config(), group)
+    defaults = {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
+    identity = IDENTITY.get(group, ("backend",))
+    for path in sorted((conf_dir() / group).glob("*.yaml")):
+        values = yaml.safe_load(path.read_text()) or {}
+        values.pop("defaults", None)
+        restated = {
+            k: v for k, v in values.items() if k not in identity and defaults.get(k, object()) == v
+        }
+        assert not restated, f"{path.name} restates schema defaults {restated}"
+
+
+def test_config_yaml_holds_no_values_only_groups_and_hydra_settings():
+    import yaml
+
+    assert set(yaml.safe_load((conf_dir() / "config.yaml").read_text())) == {"defaults", "hydra"}
 
 
 def _cli(args, cwd):

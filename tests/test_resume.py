@@ -184,6 +184,20 @@ def test_resume_refuses_what_it_cannot_continue(store):
         train(cfg)  # finished: its checkpoints are gone
 
 
+def test_resume_may_change_the_device_and_what_else_never_changes_learning(store):
+    whole = train(_cfg(store, "tracking.experiment=whole"))
+    with pytest.raises(Interrupted):
+        train(_cfg(store), hooks=[_Signal(800)], handle_signals=True)
+    run_id = _only_run(store).info.run_id
+    # the README and config.RUNTIME_KEYS allow these; the config hash must not object
+    overrides = [f"resume={run_id}", "device=cpu", "torch_threads=1", "tracking.log_every=200"]
+    cfg, state = prepare_resume(_cfg(store, *overrides), overrides)
+    assert cfg.device == "cpu" and cfg.tracking.log_every == 200
+    resumed = train(cfg, resume_state=state)
+    assert resumed.status == "FINISHED" and resumed.run_id == run_id
+    assert resumed.eval_returns == whole.eval_returns
+
+
 def test_a_finished_run_is_not_reopened(store):
     cfg = _cfg(store, "checkpoint.keep_after_finish=true", "checkpoint.every=400")
     run_id = train(cfg).run_id

@@ -158,30 +158,6 @@ class RunLock:
 
 # ----------------------------------------------------------------------------- resume
 
-# What may differ when a run continues: how fast it runs and where things are kept, never
-# what it learns. Anything else comes from the checkpoint's config.
-RESUME_OVERRIDABLE = (
-    "resume",
-    "progress",
-    "torch_threads",
-    "device",
-    "perf",
-    "checkpoint",
-    "tracking.uri",
-    "tracking.dir",
-    "tracking.flush_every_s",
-)
-
-
-def _overridable(key: str) -> bool:
-    return any(key == k or key.startswith(f"{k}.") for k in RESUME_OVERRIDABLE)
-
-
-def _get(obj: Any, path: str) -> Any:
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
-
 
 def _set(obj: Any, path: str, value: Any) -> None:
     *parents, last = path.split(".")
@@ -194,17 +170,25 @@ def prepare_resume(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict[
     """The config and training state to continue run ``cfg.resume`` with.
 
     The config is the checkpoint's; the command line may change only what never changes
-    learning (``RESUME_OVERRIDABLE``), and anything else it sets is refused by name.
+    learning (``config.RUNTIME_KEYS``), and anything else it sets is refused by name.
     """
     from omegaconf import OmegaConf
 
-    from workbench.config import ConfigError, override_key, to_config, validate
+    from workbench.config import (
+        RUNTIME_KEYS,
+        ConfigError,
+        get_key,
+        is_runtime_key,
+        override_key,
+        to_config,
+        validate,
+    )
 
     assert cfg.resume is not None
     keys = [override_key(o) for o in overrides if not o.startswith("hydra")]
-    refused = [k for k in keys if not _overridable(k)]
+    refused = [k for k in keys if not is_runtime_key(k)]
     if refused:
-        allowed = ", ".join(k for k in RESUME_OVERRIDABLE if k != "resume")
+        allowed = ", ".join(k for k in RUNTIME_KEYS if k != "resume")
         raise ConfigError(
             [
                 f"{k}: cannot be changed when resuming run {cfg.resume}: it continues with "
@@ -227,7 +211,7 @@ def prepare_resume(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict[
         )
     resumed = to_config(OmegaConf.create(state["config"]))
     for key in keys:
-        _set(resumed, key, _get(cfg, key))
+        _set(resumed, key, get_key(cfg, key))
     resumed.resume = cfg.resume
     resumed.checkpoint.dir = cfg.checkpoint.dir  # where it was found: keep writing there
     validate(resumed)

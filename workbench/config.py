@@ -3,6 +3,9 @@
 Hydra composes ``conf/`` into these dataclasses (registered in the ConfigStore as the
 schema every group is merged into), so unknown keys and wrong types fail at compose time.
 ``validate`` then checks ranges and cross-field rules, all at once, before any run exists.
+
+The dataclasses are the one source of default values: ``conf/config.yaml`` lists the groups,
+and a group option (``conf/noise/ou.yaml``) holds only what that option changes.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "silu", "leaky_relu")
+ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "silu", "leaky_relu")  # networks.ACTIVATION_MODULES
 NOISE_KINDS = ("gaussian", "ou", "param", "none")
 SCHEDULE_KINDS = ("constant", "linear", "exponential", "cosine")
 VECTORIZATION = ("sync", "async")
@@ -54,8 +57,8 @@ class EnvConfig:
 @dataclass
 class AgentConfig:
     name: str = "ddpg"
-    actor_hidden: list[int] = field(default_factory=lambda: [256, 256])
-    critic_hidden: list[int] = field(default_factory=lambda: [256, 256])
+    actor_hidden: list[int] = field(default_factory=lambda: [400, 300])
+    critic_hidden: list[int] = field(default_factory=lambda: [400, 300])
     activation: str = "relu"
     layer_norm: bool = False
     actor_lr: float = 1e-3
@@ -65,7 +68,7 @@ class AgentConfig:
     tau: float = 0.005
     batch_size: int = 256
     buffer_size: int = 1_000_000
-    learning_starts: int = 1000  # env steps of uniform random actions before learning
+    learning_starts: int = 10_000  # env steps of uniform random actions before learning
     train_freq: int = 1  # update every train_freq env steps (per env)
     gradient_steps: int = 1  # gradient updates each time
     max_grad_norm: float | None = None
@@ -110,7 +113,7 @@ class EpsilonConfig:
 
 @dataclass
 class EvalConfig:
-    every: int = 5000  # env steps between evaluations (0: only the final one)
+    every: int = 2500  # env steps between evaluations (0: only the final one)
     episodes: int = 10
     video: bool = True  # record one episode of the final evaluation (envs that render)
     video_max_frames: int = 1000
@@ -177,7 +180,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    total_steps: int = 20_000
+    total_steps: int = 15_000
     torch_threads: int | None = 1  # None: torch's default
     progress: bool = True  # live display on a terminal
     resume: str | None = None  # MLflow run id to continue from its latest checkpoint
@@ -291,15 +294,75 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-# Sections that do not change what is learned: left out of the config hash.
-_HASH_EXCLUDED = ("seed", "tracking", "progress", "perf", "checkpoint", "resume")
+# What changes how a run executes or where it is recorded, never what it learns (dotted keys
+# and whole sections). Left out of the config hash, and the only keys a resumed run may change.
+RUNTIME_KEYS = (
+    "resume",
+    "progress",
+    "torch_threads",
+    "device",
+    "perf",
+    "checkpoint",
+    "tracking",
+    "eval.video",
+    "eval.video_max_frames",
+    "eval.video_fps",
+)
+
+
+def is_runtime_key(key: str) -> bool:
+    """Whether ``key`` (dotted) is, or lies under, one of ``RUNTIME_KEYS``."""
+    return any(key == k or key.startswith(f"{k}.") for k in RUNTIME_KEYS)
+
+
+def inert_keys(cfg: Config) -> dict[str, str]:
+    """Keys whose value cannot matter given the rest of ``cfg``, each with the reason.
+
+    ``validate`` refuses them at any value but their default (a value that does nothing is a
+    mistake: the user meant something else), and ``config_hash`` leaves them out.
+    """
+    n, s, ep, a = cfg.noise, cfg.schedule, cfg.epsilon, cfg.agent
+    out: dict[str, str] = {}
+    if n.kind != "ou":
+        for key in ("theta", "dt"):
+            out[f"noise.{key}"] = f"only noise.kind=ou uses it (noise.kind is {n.kind})"
+    if n.kind != "param":
+        for key in ("initial_stddev", "adaptation_coef", "adapt_every"):
+            out[f"noise.{key}"] = f"only noise.kind=param uses it (noise.kind is {n.kind})"
+    if n.kind == "none":
+        for key in ("noise.sigma", "schedule.kind", "schedule.end", "schedule.duration"):
+            out[key] = "noise.kind=none adds no noise (no scale to set or schedule)"
+    elif s.kind == "constant":
+        for key in ("end", "duration"):
+            out[f"schedule.{key}"] = "schedule.kind=constant keeps noise.sigma throughout"
+    if ep.kind == "constant":
+        for key in ("end", "duration"):
+            out[f"epsilon.{key}"] = "epsilon.kind=constant keeps epsilon.start throughout"
+    if a.target_policy_noise == 0:
+        out["agent.target_noise_clip"] = "agent.target_policy_noise=0 turns target smoothing off"
+    return out
 
 
 def config_hash(cfg: Config) -> str:
-    """Hash of everything that shapes learning except the seed: group by it to average seeds."""
-    tree = {k: v for k, v in to_dict(cfg).items() if k not in _HASH_EXCLUDED}
+    """Hash of everything that shapes learning except the seed: group by it to average seeds.
+
+    Left out: the seed, ``RUNTIME_KEYS`` and ``inert_keys`` (values that cannot matter).
+    """
+    inert = inert_keys(cfg)
+    tree = {
+        k: v
+        for k, v in flatten(to_dict(cfg)).items()
+        if k != "seed" and not is_runtime_key(k) and k not in inert
+    }
     blob = json.dumps(tree, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
+
+
+def get_key(obj: Any, key: str) -> Any:
+    """The value at a dotted ``key`` of a Config (or any nested dataclass)."""
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 # ----------------------------------------------------------------------------- validation
@@ -469,6 +532,13 @@ def validate(cfg: Config, *, check_env: bool = True) -> None:
             a.buffer_size,
             f"must be >= 2 x env.n_envs ({2 * e.n_envs}) with perf.replay_compact=true",
         )
+
+    # keys that do nothing here, set to something else than their default
+    defaults = Config()
+    for key, why in inert_keys(cfg).items():
+        value, default = get_key(cfg, key), get_key(defaults, key)
+        if value != default:
+            c.fail(key, value, f"does nothing here: {why}; remove it (default {default!r})")
 
     if c.problems:
         raise ConfigError(c.problems)
