@@ -18,6 +18,8 @@ from workbench.config import TrackingConfig
 from workbench.plots import learning_curve
 from workbench.tracking import (
     EXIT_REASON,
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
     NOTE_TAG,
     PARENT_TAG,
     REASON_TAG,
@@ -123,6 +125,24 @@ def test_make_tracker_picks_backend_and_artifact_root(tmp_path, monkeypatch):
     remote = make_tracker(TrackingConfig(uri="http://127.0.0.1:9", experiment="e"), run_name="r")
     assert isinstance(remote, MlflowTracker)
     assert remote.artifact_root is None
+
+
+def test_experiments_are_tagged_as_model_training_unless_the_user_chose(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    store = tmp_path / "mlruns"
+    client = MlflowClient(embedded_uri(store))
+
+    def run_in(experiment: str) -> str:
+        tracker = make_tracker(TrackingConfig(dir=str(store), experiment=experiment), run_name="r")
+        tracker.start(params={}, tags={})
+        tracker.end()
+        return client.get_experiment(tracker.experiment_id).tags.get(EXPERIMENT_KIND_TAG)
+
+    assert run_in("new") == EXPERIMENT_KIND  # created by workbench
+    client.create_experiment("untagged")
+    assert run_in("untagged") == EXPERIMENT_KIND  # created elsewhere, without a kind
+    client.create_experiment("chosen", tags={EXPERIMENT_KIND_TAG: "genai_development"})
+    assert run_in("chosen") == "genai_development"
 
 
 def test_trackers_satisfy_the_protocol(shared):

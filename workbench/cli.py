@@ -178,7 +178,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
         cmd += ["--default-artifact-root", (store / "artifacts").as_uri()]
     print(
         f"MLflow UI for {redact(uri)} on http://{args.host}:{args.port} "
-        "(training runs: 'Model training' toggle, top left; Ctrl-C to stop)",
+        "(training runs: 'Model training' toggle, top left, once per browser; Ctrl-C to stop)",
         file=sys.stderr,
     )
     os.execv(mlflow, cmd)

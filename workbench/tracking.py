@@ -75,6 +75,12 @@ EXIT_REASON = "process exited without ending the run"
 REASON_TAG = "workbench.status_reason"
 NOTE_TAG = "mlflow.note.content"
 PARENT_TAG = "mlflow.parentRunId"
+# MLflow's experiment-kind tag, set on every experiment workbench creates or uses (a kind the
+# user set stays). MLflow 3.17.2's UI does not read it: what an experiment opens on follows the
+# GenAI / Model training toggle, remembered per browser. The tag records the kind for the
+# MLflow UIs and tools that do read it.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
 
 
 class TrackingError(RuntimeError):
@@ -682,6 +688,13 @@ class MlflowTracker:
                     f"experiment {self.experiment!r} in {redact(self.uri)} is deleted: restore "
                     "it (mlflow experiments restore) or choose another tracking.experiment"
                 )
+            if EXPERIMENT_KIND_TAG not in exp.tags:  # a kind the user set stays
+                try:
+                    client.set_experiment_tag(
+                        exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+                    )
+                except Exception as err:  # a label for the UI is no reason to stop a run
+                    log.debug("cannot tag experiment %s: %s", exp.experiment_id, _one_line(err))
             return exp.experiment_id
 
         try:
@@ -693,7 +706,11 @@ class MlflowTracker:
                 folder = re.sub(r"[^\w.\-]+", "_", self.experiment).strip("._") or "experiment"
                 location = (self.artifact_root.expanduser().resolve() / folder).as_uri()
             try:
-                return client.create_experiment(self.experiment, artifact_location=location)
+                return client.create_experiment(
+                    self.experiment,
+                    artifact_location=location,
+                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
+                )
             except MlflowException:
                 found = lookup()  # another process (not sharing our file lock) won the race
                 if found is None:
