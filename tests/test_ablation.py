@@ -49,7 +49,7 @@ def _body(variants="{a: [], b: []}", baseline="a", seeds="2", extra=""):
 @pytest.mark.parametrize(
     ("body", "message"),
     [
-        (_body(extra="colour: red\n"), "unknown key(s) colour"),
+        (_body(extra="colour: red\n"), "colour='red': unknown key; allowed: "),
         (_body("\n  a: []\n  a: [agent=td3]"), "duplicate key 'a' (line 6)"),
         (_body(baseline="c"), "baseline='c': must be one of the variants (a, b)"),
         (_body(seeds="0"), "seeds=0: must be a count >= 1"),
@@ -58,7 +58,7 @@ def _body(variants="{a: [], b: []}", baseline="a", seeds="2", extra=""):
         (_body("{a: [], b: [agent=sac]}"), "variant 'b': overrides do not compose"),
         (_body("{a: [], b: [agent.tau=3]}"), "variant 'b'"),
         (_body("{a: [], b: [agent.taux=3]}"), "agent.taux"),
-        ("baseline: a\nseeds: 2\nvariants: {a: [], b: []}\n", "missing required key 'name'"),
+        ("baseline: a\nseeds: 2\nvariants: {a: [], b: []}\n", "name=None: missing required key"),
     ],
 )
 def test_bad_specs_are_rejected_before_any_run(tmp_path, body, message):

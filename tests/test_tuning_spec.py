@@ -9,7 +9,8 @@ from tuning_helpers import tiny_spec, write_spec
 
 from workbench.cli import main
 from workbench.config import compose
-from workbench.tuning.objective import iqm, score_curve
+from workbench.stats import iqm
+from workbench.tuning.objective import score_curve
 from workbench.tuning.runner import base_values
 from workbench.tuning.spec import SpecError, load_spec, parse_spec, sample, to_overrides
 
@@ -173,3 +174,10 @@ def test_every_pruner_builds(tmp_path, pruner):
 
     spec = parse_spec(yaml.safe_dump(tiny_spec(tmp_path, pruner=pruner)))
     assert isinstance(make_pruner(spec), optuna.pruners.BasePruner)
+
+
+def test_a_duplicate_key_is_refused_like_in_an_ablation_spec(tmp_path):
+    """One YAML loader for both kinds of spec: PyYAML alone keeps the last of two keys."""
+    text = yaml.safe_dump(tiny_spec(tmp_path)) + "n_trials: 7\n"
+    with pytest.raises(SpecError, match=r"duplicate key 'n_trials' \(line \d+\)"):
+        parse_spec(text)

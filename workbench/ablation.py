@@ -28,7 +28,7 @@ from rich.table import Table
 from workbench import stats
 from workbench.checkpoint import CheckpointError, prepare_resume
 from workbench.config import ConfigError, compose, config_hash
-from workbench.specfile import SpecError, check_keys, compose_error_text, load_yaml
+from workbench.specfile import Problems, SpecError, compose_error_text, parse_yaml, read_spec_text
 from workbench.tracking import (
     MlflowTracker,
     RunRecord,
@@ -89,56 +89,63 @@ class AblationSpec:
         return params
 
 
-def _str_list(value: Any, where: str) -> list[str]:
+def _str_list(value: Any, where: str, c: Problems) -> list[str]:
     if value is None:
         return []
     if isinstance(value, str):
         return value.split()
     if isinstance(value, list) and all(isinstance(v, str | int | float | bool) for v in value):
         return [str(v) for v in value]
-    raise SpecError(f"{where}={value!r}: must be a list of Hydra overrides (strings)")
+    c.fail(where, value, "must be a list of Hydra overrides (strings)")
+    return []
 
 
 def load_spec(path: str | Path) -> AblationSpec:
     """Read and validate a spec; every variant x seed config is composed and validated here,
-    so a typo fails in seconds, before any run exists."""
+    so a typo fails in seconds, before any run exists. Every problem is reported at once."""
     path = Path(path)
-    data = load_yaml(path)
-    check_keys(data, _SPEC_KEYS, str(path))
+    source = f"ablation spec {path}"
+    data = parse_yaml(read_spec_text(path, source), source)
+    c = Problems()
+    c.unknown_keys(data, sorted(_SPEC_KEYS))
     for key in ("name", "baseline", "variants", "seeds"):
         if key not in data:
-            raise SpecError(f"{path}: missing required key {key!r}")
+            c.fail(key, None, "missing required key")
+    c.check(source)
     name = data["name"]
     if not isinstance(name, str) or not name.strip() or "/" in name:
-        raise SpecError(f"{path}: name={name!r}: must be a non-empty string without '/'")
+        c.fail("name", name, "must be a non-empty string without '/'")
     variants_raw = data["variants"]
+    variants: dict[str, list[str]] = {}
     if not isinstance(variants_raw, dict) or len(variants_raw) < 2:
-        raise SpecError(f"{path}: variants: must map at least two variant names to overrides")
-    variants = {str(k): _str_list(v, f"variants.{k}") for k, v in variants_raw.items()}
+        c.fail("variants", variants_raw, "must map at least two variant names to overrides")
+    else:
+        variants = {str(k): _str_list(v, f"variants.{k}", c) for k, v in variants_raw.items()}
     baseline = str(data["baseline"])
-    if baseline not in variants:
-        raise SpecError(
-            f"{path}: baseline={baseline!r}: must be one of the variants ({', '.join(variants)})"
-        )
-    seeds_raw = data["seeds"]
+    if variants and baseline not in variants:
+        c.fail("baseline", baseline, f"must be one of the variants ({', '.join(variants)})")
+    seeds_raw, seeds = data["seeds"], []
     if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool) and seeds_raw >= 1:
         seeds = list(range(seeds_raw))
     elif isinstance(seeds_raw, list) and seeds_raw and all(isinstance(s, int) for s in seeds_raw):
         seeds = [int(s) for s in seeds_raw]
         if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            raise SpecError(f"{path}: seeds={seeds_raw!r}: must be distinct integers >= 0")
+            c.fail("seeds", seeds_raw, "must be distinct integers >= 0")
     else:
-        raise SpecError(f"{path}: seeds={seeds_raw!r}: must be a count >= 1 or a list of ints")
+        c.fail("seeds", seeds_raw, "must be a count >= 1 or a list of ints")
     steps = data.get("steps")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
-        raise SpecError(f"{path}: steps={steps!r}: must be an integer >= 1")
+        c.fail("steps", steps, "must be an integer >= 1")
     tracking = data.get("tracking") or {}
     if not isinstance(tracking, dict):
-        raise SpecError(f"{path}: tracking: must be a mapping")
-    check_keys(tracking, _TRACKING_KEYS, f"{path}: tracking")
+        c.fail("tracking", tracking, "must be a mapping (experiment, uri, dir)")
+        tracking = {}
+    c.unknown_keys(tracking, sorted(_TRACKING_KEYS), "tracking.")
+    base = _str_list(data.get("base"), "base", c)
+    c.check(source)
     spec = AblationSpec(
         name=name,
-        base=_str_list(data.get("base"), "base"),
+        base=base,
         baseline=baseline,
         variants=variants,
         seeds=seeds,
@@ -153,11 +160,15 @@ def load_spec(path: str | Path) -> AblationSpec:
         try:
             compose(spec.overrides(variant, spec.seeds[0]))
         except ConfigError as err:
-            raise SpecError(f"{path}: variant {variant!r}: {err}") from None
+            for problem in err.problems:
+                c.problems.append(f"variant {variant!r}: {problem}")
         except Exception as err:  # Hydra: unknown group option, bad override syntax, ...
-            raise SpecError(
-                f"{path}: variant {variant!r}: overrides do not compose: {compose_error_text(err)}"
-            ) from None
+            c.fail(
+                f"variants.{variant}",
+                spec.variants[variant],
+                f"variant {variant!r}: overrides do not compose: {compose_error_text(err)}",
+            )
+    c.check(source)
     return spec
 
 

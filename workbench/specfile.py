@@ -1,12 +1,15 @@
-"""Loading study and ablation spec files: YAML that refuses duplicate keys.
+"""What study and ablation specs share: one YAML loader and one problem collector.
 
 PyYAML keeps the last of two equal keys without a word, which would silently drop a
-variant or a search parameter; here it is an error naming the key and the line.
+variant or a search parameter; here it is an error naming the key and the line. A spec is
+checked whole: every problem is collected (key, bad value, what is allowed) and reported at
+once in one ``SpecError``.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +17,44 @@ import yaml
 
 
 class SpecError(ValueError):
-    """A spec file is unusable; the message names the file, the key and what is allowed."""
+    """A spec is unusable; lists every problem (key, value, what is allowed)."""
+
+    def __init__(self, problems: list[str] | str, source: str = "spec"):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        self.source = source
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid {source} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class Problems:
+    """Collects a spec's problems, each as ``key=value: what is allowed``."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, key: str, value: Any, allowed: str) -> None:
+        self.problems.append(f"{key}={value!r}: {allowed}")
+
+    def unknown_keys(
+        self, mapping: dict[Any, Any], allowed: Sequence[str], prefix: str = ""
+    ) -> None:
+        for key in mapping:
+            if key not in allowed:
+                self.fail(
+                    f"{prefix}{key}", mapping[key], f"unknown key; allowed: {', '.join(allowed)}"
+                )
+
+    def check(self, source: str) -> None:
+        """Raise SpecError listing every problem so far, if there is any."""
+        if self.problems:
+            raise SpecError(self.problems, source)
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
+    pass
+
+
+class _DuplicateKey(Exception):
     pass
 
 
@@ -26,7 +63,7 @@ def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = Fals
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
         if key in seen:
-            raise SpecError(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
+            raise _DuplicateKey(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
         seen.add(key)
     return loader.construct_mapping(node, deep=deep)
 
@@ -34,28 +71,24 @@ def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = Fals
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping)
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a spec file as a mapping, with errors that name the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError(f"{path}: no such spec file")
+def parse_yaml(text: str, source: str) -> dict[str, Any]:
+    """A spec's YAML text as a mapping; SpecError for bad YAML, a duplicate key or a non-mapping."""
     try:
-        data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
-    except SpecError as err:
-        raise SpecError(f"{path}: {err}") from None
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader subclass
+    except _DuplicateKey as err:
+        raise SpecError(str(err), source) from None
     except yaml.YAMLError as err:
-        raise SpecError(f"{path}: not valid YAML: {err}") from None
+        raise SpecError(f"not valid YAML: {err}", source) from None
     if not isinstance(data, dict):
-        raise SpecError(f"{path}: expected a mapping at the top level, got {type(data).__name__}")
+        raise SpecError(f"the file must be a mapping, got {type(data).__name__}", source)
     return data
 
 
-def check_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise SpecError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}"
-        )
+def read_spec_text(path: str | Path, source: str) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such spec file", source)
+    return path.read_text()
 
 
 # Lines of Hydra/OmegaConf errors that say nothing to the user of a spec file (or mislead:

@@ -19,10 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from workbench.config import Config, ConfigError, compose, conf_dir
-from workbench.specfile import compose_error_text
+from workbench.specfile import Problems, SpecError, compose_error_text, parse_yaml, read_spec_text
 
 GROUPS = ("env", "agent", "noise", "schedule", "tracking")
 PARAM_TYPES = ("float", "int", "categorical")
@@ -50,15 +48,6 @@ _TOP_KEYS = (
     "tracking",
     "heartbeat",
 )
-
-
-class SpecError(ValueError):
-    """A study spec is unusable; lists every problem (key, value, what is allowed)."""
-
-    def __init__(self, problems: list[str], source: str = "study spec"):
-        self.problems = problems
-        lines = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"invalid {source} ({len(problems)} problem(s)):\n{lines}")
 
 
 @dataclass(frozen=True)
@@ -212,46 +201,18 @@ def stored_params(space: Sequence[ParamSpec], params: Mapping[str, Any]) -> dict
 
 def load_spec(path: str | Path) -> StudySpec:
     """Read and validate a spec file; SpecError lists every problem."""
-    path = Path(path)
-    if not path.is_file():
-        raise SpecError([f"{path}: no such file"], source="study spec")
-    text = path.read_text()
-    return parse_spec(text, source=str(path))
+    return parse_spec(read_spec_text(path, "study spec"), source=str(path))
 
 
 def parse_spec(text: str, *, source: str = "study spec") -> StudySpec:
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        raise SpecError([f"not valid YAML: {err}"], source=source) from None
-    if not isinstance(raw, dict):
-        raise SpecError([f"the file must be a mapping, got {type(raw).__name__}"], source=source)
-    c = _Problems()
+    raw = parse_yaml(text, source)
+    c = Problems()
     spec = _build(raw, text, c)
-    if c.problems:
-        raise SpecError(c.problems, source=source)
+    c.check(source)
     assert spec is not None
     _check_against_config(spec, c)
-    if c.problems:
-        raise SpecError(c.problems, source=source)
+    c.check(source)
     return spec
-
-
-class _Problems:
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def fail(self, key: str, value: Any, allowed: str) -> None:
-        self.problems.append(f"{key}={value!r}: {allowed}")
-
-    def unknown_keys(
-        self, mapping: dict[Any, Any], allowed: Sequence[str], prefix: str = ""
-    ) -> None:
-        for key in mapping:
-            if key not in allowed:
-                self.fail(
-                    f"{prefix}{key}", mapping[key], f"unknown key; allowed: {', '.join(allowed)}"
-                )
 
 
 def _num(x: Any) -> bool:
@@ -262,7 +223,7 @@ def _int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _build(raw: dict[str, Any], text: str, c: _Problems) -> StudySpec | None:
+def _build(raw: dict[str, Any], text: str, c: Problems) -> StudySpec | None:
     c.unknown_keys(raw, _TOP_KEYS)
 
     name = raw.get("name")
@@ -365,7 +326,7 @@ def _build(raw: dict[str, Any], text: str, c: _Problems) -> StudySpec | None:
     )
 
 
-def _objective(raw: Any, c: _Problems) -> ObjectiveSpec | None:
+def _objective(raw: Any, c: Problems) -> ObjectiveSpec | None:
     if not isinstance(raw, dict):
         c.fail("objective", raw, "must be a mapping (metric, direction, score, k, seeds, ...)")
         return None
@@ -406,7 +367,7 @@ def _objective(raw: Any, c: _Problems) -> ObjectiveSpec | None:
     return ObjectiveSpec(metric, direction, score, k, seeds, aggregate)
 
 
-def _space(raw: Any, c: _Problems) -> tuple[ParamSpec, ...] | None:
+def _space(raw: Any, c: Problems) -> tuple[ParamSpec, ...] | None:
     if not isinstance(raw, dict) or not raw:
         c.fail("space", raw, "must be a non-empty mapping of parameter -> definition")
         return None
@@ -482,7 +443,7 @@ def _space(raw: Any, c: _Problems) -> tuple[ParamSpec, ...] | None:
 
 
 def _when(
-    key: str, raw: Any, seen: Mapping[str, ParamSpec], c: _Problems
+    key: str, raw: Any, seen: Mapping[str, ParamSpec], c: Problems
 ) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     if raw is None:
         return ()
@@ -508,7 +469,7 @@ def _when(
 
 
 def _component(
-    raw: Any, what: str, options: tuple[str, ...], c: _Problems
+    raw: Any, what: str, options: tuple[str, ...], c: Problems
 ) -> tuple[str, dict[str, Any]]:
     """``sampler: tpe`` or ``sampler: {name: tpe, seed: 0, ...}``; kwargs checked against the
     Optuna class's signature so a misspelt option fails at load."""
@@ -537,7 +498,7 @@ def _component(
 # ----------------------------------------------------------------------------- config checks
 
 
-def _check_path(name: str, c: _Problems) -> bool:
+def _check_path(name: str, c: Problems) -> bool:
     """Is ``name`` a group with options on disk, or a key of the Config schema?"""
     key = f"space.{name}"
     if "." not in name:
@@ -560,7 +521,7 @@ def _check_path(name: str, c: _Problems) -> bool:
     return True
 
 
-def _check_against_config(spec: StudySpec, c: _Problems) -> None:
+def _check_against_config(spec: StudySpec, c: Problems) -> None:
     """The base composes and validates; every space key exists; group options exist."""
     try:
         compose([*spec.base(), *spec.run_overrides()])
@@ -632,7 +593,7 @@ def check_ranges(spec: StudySpec, *, source: str = "study spec") -> None:
     existing study must still load for a report.
     """
     n_choices = max([1, *(len(p.choices) for p in spec.space)])
-    c = _Problems()
+    c = Problems()
     for choice in range(n_choices):
         for high in (False, True):
             point = sample(_Corner(high, choice), spec.space)
@@ -648,7 +609,7 @@ def check_ranges(spec: StudySpec, *, source: str = "study spec") -> None:
                     "space", point, f"the sampled values do not compose: {compose_error_text(err)}"
                 )
     if c.problems:
-        raise SpecError(c.problems, source=source)
+        raise SpecError(c.problems, source)
 
 
 def _range_problem(spec: StudySpec, point: Mapping[str, Any], problem: str, high: bool) -> str:
