@@ -196,10 +196,11 @@ def test_same_seed_same_result_on_cpu():
     [
         ["agent=td3", "noise=ou", "schedule=linear"],
         ["noise=param", "epsilon.start=0.3", "epsilon.end=0.0", "epsilon.kind=linear"],
-        ["noise=none", "schedule=cosine", "agent.layer_norm=true", "env.normalize_obs=true"],
+        ["noise=gaussian", "schedule=cosine", "agent.layer_norm=true", "env.normalize_obs=true"],
+        ["noise=none", "epsilon.start=0.5", "epsilon.kind=cosine", "epsilon.end=0.05"],
         ["env.n_envs=3", "agent.gradient_steps=2", "agent.train_freq=2"],
     ],
-    ids=["td3-ou-linear", "param-epsilon", "none-cosine-ln-norm", "vector-utd"],
+    ids=["td3-ou-linear", "param-epsilon", "cosine-ln-norm", "none-epsilon-cosine", "vector-utd"],
 )
 def test_variants_run_end_to_end(extra):
     cfg = compose([*TINY, "tracking=none", "eval.video=false", *extra])

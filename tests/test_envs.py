@@ -335,7 +335,7 @@ def test_async_matches_sync(env_id: str, kwargs: dict, n_steps: int) -> None:
 
 
 def test_episode_seeds_make_any_episode_reproducible() -> None:
-    """Episode k of env i starts from a state fixed by (seed + i, k): a fresh vector env set
+    """Episode k of an env starts from a state fixed by (its base seed, k): a fresh vector env set
     to episode k and reset starts where the original one did."""
     envs = make_vec_env("Pendulum-v1", 2, seed=0, max_episode_steps=5)
     envs.reset(seed=3)

@@ -1,26 +1,42 @@
-"""Training checkpoints: written atomically, pruned to the last N, loaded safely.
+"""Training checkpoints: what they hold, when they are written, how a run resumes from one.
 
 A checkpoint is one ``torch.save`` file of tensors and plain containers (no pickled
 objects), read back with ``torch.load(weights_only=True)``. It is written to a temporary
 file, fsynced and renamed into place, so a kill during a write never leaves a corrupt
 latest checkpoint; the newest file that loads is the one to resume from.
+
+``capture`` and ``restore`` are the whole training state: agent, replay buffer, explorer,
+the loop's ``RunState`` and each env's episode number. ``Checkpointer`` decides when to
+write: every ``checkpoint.every`` steps and on an interrupt (``Interrupts``), at a step
+where every env has just ended an episode (so the resumed run restarts each env exactly
+there) or once waiting for one is over.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import os
 import re
 import shutil
-from collections.abc import Sequence
+import signal
+import threading
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
+from workbench import seeding
+from workbench.errors import Interrupted
+
 if TYPE_CHECKING:
-    from workbench.config import Config
+    from workbench.config import CheckpointConfig, Config
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{12})\.pt$")
@@ -216,3 +232,182 @@ def prepare_resume(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict[
     resumed.checkpoint.dir = cfg.checkpoint.dir  # where it was found: keep writing there
     validate(resumed)
     return resumed, state
+
+
+# ----------------------------------------------------------------------------- what is saved
+
+
+def capture(*, exact: bool, agent: Any, buffer: Any, explorer: Any, state: Any, envs: Any) -> dict:
+    """The training state at this step (``exact``: every env has just ended an episode)."""
+    return {
+        "exact": exact,
+        "agent": agent.state_dict(),
+        "replay": buffer.state_dict(),
+        "explorer": explorer.state_dict(),
+        **state.state_dict(),  # counters, history, metric_means, rng
+        "env_episodes": [int(k) for k in envs.get_attr("episode")],
+    }
+
+
+def restore(
+    saved: dict, *, agent: Any, buffer: Any, explorer: Any, state: Any, envs: Any, seed: int
+) -> np.ndarray:
+    """Load a checkpoint into a new run's parts; returns the envs' current observations.
+
+    After an exact checkpoint each env restarts the episode it was about to begin; after a
+    mid-episode one the interrupted episodes start afresh (with a warning).
+    """
+    agent.load_state_dict(saved["agent"])
+    buffer.load_state_dict(saved["replay"])
+    explorer.load_state_dict(saved["explorer"])
+    state.load_state_dict(saved, agent.device)
+    exact = bool(saved["exact"])
+    envs.reset(seed=seeding.env_seeds(seed, envs.num_envs))  # each env's base seed
+    envs.set_attr("episode", [int(k) - 1 if exact else int(k) for k in saved["env_episodes"]])
+    obs, _ = envs.reset()
+    if not exact:
+        agent.obs_norm.update(obs)
+        explorer.on_episode_end(agent.actor, np.ones(envs.num_envs, dtype=bool))
+        log.warning(
+            "resuming from a mid-episode checkpoint: the episodes in progress at step %d start "
+            "afresh, so this run will not match an uninterrupted one",
+            state.step,
+        )
+    return obs
+
+
+# ----------------------------------------------------------------------------- when
+
+
+class Interrupts:
+    """First SIGINT/SIGTERM: ask the loop to checkpoint and stop. Second: stop at once.
+
+    Installed only where asked (``workbench train``, ablation workers) and only in the main
+    thread. A signal within a second of the first counts as the same interrupt: a terminal's
+    Ctrl-C reaches a worker both directly and forwarded by its parent (workbench.parallel).
+    """
+
+    SAME_INTERRUPT_S = 1.0
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.signum: int | None = None
+        self.at = 0.0
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupts:
+        if self.enabled:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        self._old.clear()
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name if self.signum is not None else ""
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signum is not None:
+            if time.monotonic() - self.at < self.SAME_INTERRUPT_S:
+                return  # one Ctrl-C reaching us twice: from the terminal and from a parent
+            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name})")
+        self.signum, self.at = signum, time.monotonic()
+        log.warning(
+            "%s: writing a checkpoint at the next episode boundary, then stopping "
+            "(send it again to stop at once, without a new checkpoint)",
+            signal.Signals(signum).name,
+        )
+
+    def waited(self, seconds: float) -> bool:
+        return self.signum is not None and time.monotonic() - self.at >= seconds
+
+
+class Checkpointer:
+    """Writes a run's checkpoints when they are due, into ``<checkpoint.dir>/<run key>``."""
+
+    def __init__(
+        self,
+        ck: CheckpointConfig,
+        lock: RunLock,
+        run_key: str,
+        header: dict[str, Any],
+        interrupts: Interrupts,
+        on_first: Callable[[Path], None],
+        flush: Callable[[], None],
+    ):
+        self.ck, self.lock, self.run_key, self.header = ck, lock, run_key, header
+        self.interrupts, self.on_first, self.flush = interrupts, on_first, flush
+        self.pending: int | None = None  # vector step a checkpoint was asked at
+        self.last: Path | None = None
+        self.seconds = 0.0
+
+    def after_step(
+        self,
+        prev_step: int,
+        step: int,
+        vec_steps: int,
+        all_done: bool,
+        snapshot: Callable[[bool], dict],
+    ) -> None:
+        """Ask for a checkpoint every ``every`` steps or on an interrupt; write it when every
+        env has just ended an episode (exact resume) or once waiting is over; after an
+        interrupt's checkpoint, raise ``Interrupted``."""
+        ck = self.ck
+        if self.pending is None and (
+            (ck.every > 0 and step // ck.every > prev_step // ck.every)
+            or self.interrupts.signum is not None
+        ):
+            self.pending = vec_steps
+        if self.pending is None:
+            return
+        late = vec_steps - self.pending >= ck.wait_steps or self.interrupts.waited(ck.wait_s)
+        if not (all_done or late):
+            return
+        self.last = self.write(snapshot(all_done), step, exact=all_done)
+        self.pending = None
+        if self.interrupts.signum is not None:
+            raise Interrupted(
+                f"interrupted ({self.interrupts.name}) at step {step}; checkpoint written: "
+                f"continue with `workbench train resume={self.run_key}`",
+                self.last,
+            )
+
+    def write(self, state: dict, step: int, *, exact: bool) -> Path:
+        t0 = time.perf_counter()
+        if not self.lock.directory.is_dir():
+            self.on_first(self.lock.directory)
+        self.lock.acquire()
+        # what was logged up to here is in the store before the checkpoint exists, so a run
+        # resumed from it after a hard kill has lost no metric point
+        self.flush()
+        path = save_checkpoint(
+            {**self.header, "run_id": self.run_key, **state},
+            self.lock.directory,
+            step,
+            keep=self.ck.keep,
+        )
+        self.seconds += time.perf_counter() - t0
+        log.info(
+            "step %d: checkpoint %s (%s, %.1fs)",
+            step,
+            path,
+            "episode boundary" if exact else "mid-episode",
+            time.perf_counter() - t0,
+        )
+        return path
+
+    def interrupted_reason(self, step: int, err: BaseException) -> str:
+        """Why a run stopped by an interrupt ended, and how to continue it."""
+        if isinstance(err, Interrupted):
+            return err.reason
+        if self.last is not None:
+            return (
+                f"interrupted at step {step}; latest checkpoint {self.last.name}: continue with "
+                f"`workbench train resume={self.run_key}`"
+            )
+        return f"interrupted at step {step}"

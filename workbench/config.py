@@ -24,7 +24,6 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-ACTIVATIONS = ("relu", "tanh", "elu", "gelu", "silu", "leaky_relu")  # networks.ACTIVATION_MODULES
 NOISE_KINDS = ("gaussian", "ou", "param", "none")
 SCHEDULE_KINDS = ("constant", "linear", "exponential", "cosine")
 VECTORIZATION = ("sync", "async")
@@ -444,7 +443,9 @@ def validate(cfg: Config, *, check_env: bool = True) -> None:
         sizes = getattr(a, key)
         if not sizes or any(s < 1 for s in sizes):
             c.fail(f"agent.{key}", list(sizes), "must be a non-empty list of layer sizes >= 1")
-    c.choice("agent.activation", a.activation, ACTIVATIONS)
+    from workbench.networks import ACTIVATIONS  # the one table of activations
+
+    c.choice("agent.activation", a.activation, tuple(ACTIVATIONS))
     c.positive("agent.actor_lr", a.actor_lr)
     c.positive("agent.critic_lr", a.critic_lr)
     c.non_negative("agent.critic_weight_decay", a.critic_weight_decay)

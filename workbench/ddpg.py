@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from workbench import fused as fz
+from workbench import seeding
 from workbench.config import AgentConfig
 from workbench.networks import Actor, Critic, ObsNormalizer, flat_views, flatten_parameters
 from workbench.replay import Batch
@@ -88,8 +89,7 @@ class DDPG:
                 **opt_kw,
             )
         self._actor_params = list(self.actor.parameters())
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
+        self.generator = seeding.torch_generator(seed, "target_noise", self.device)
         self.n_updates = 0  # critic updates so far; the actor follows every policy_delay
         self._critic_step: Callable[..., tuple[torch.Tensor, torch.Tensor]]
         self._actor_step: Callable[[torch.Tensor], torch.Tensor]
@@ -127,7 +127,11 @@ class DDPG:
         )
         self.actor_opt: torch.optim.Adam = self._actor_flat_opt
         self.critic_opt: torch.optim.Adam = self._critic_flat_opt
-        act = cfg.activation
+        self._fused_passes()
+
+    def _fused_passes(self) -> None:
+        """The hand-written passes over the networks and their flat gradient buffers."""
+        act = self.cfg.activation
         self._f_actor = fz.FusedMLP(
             self.actor.net, act, flat_views(self.actor_grad, self.actor.net)
         )
@@ -139,6 +143,58 @@ class DDPG:
             for i, q in enumerate(self.critic.qs)
         ]
         self._f_critic_targets = [fz.FusedMLP(q, act) for q in self.critic_target.qs]
+
+    # The fused path's flat buffers, by name: parameters, targets, gradients, Adam moments.
+    FLAT_BUFFERS = (
+        "actor_flat",
+        "critic_flat",
+        "actor_target_flat",
+        "critic_target_flat",
+        "actor_grad",
+        "critic_grad",
+        "actor_exp_avg",
+        "actor_exp_avg_sq",
+        "critic_exp_avg",
+        "critic_exp_avg_sq",
+    )
+
+    def flat_buffer(self, name: str) -> torch.Tensor:
+        if name.endswith(("_exp_avg", "_exp_avg_sq")):
+            net, _, moment = name.partition("_")
+            return getattr(getattr(self, f"_{net}_flat_opt"), moment)
+        return getattr(self, name)
+
+    def rehome(self, rows: dict[str, torch.Tensor]) -> None:
+        """Move every flat buffer (``FLAT_BUFFERS``) into the given 1-D tensors, values kept.
+
+        A population keeps its members' buffers as rows of stacked ``(K, n)`` tensors so one
+        batched pass updates them all, while each member stays an ordinary agent: its
+        parameters, optimizers, state_dict and acting read and write its own rows.
+        """
+        if not self.fused:
+            raise ValueError("only the fused update keeps its state in flat buffers")
+        for name in self.FLAT_BUFFERS:
+            rows[name].copy_(self.flat_buffer(name))
+        nets = {
+            "actor_flat": self.actor,
+            "critic_flat": self.critic,
+            "actor_target_flat": self.actor_target,
+            "critic_target_flat": self.critic_target,
+        }
+        for name, module in nets.items():
+            for p, view in zip(module.parameters(), flat_views(rows[name], module), strict=True):
+                p.data = view
+            setattr(self, name, rows[name])
+        self.actor_grad, self.critic_grad = rows["actor_grad"], rows["critic_grad"]
+        for net in ("actor", "critic"):
+            opt = getattr(self, f"_{net}_flat_opt")
+            opt.rehome(
+                rows[f"{net}_flat"],
+                rows[f"{net}_grad"],
+                rows[f"{net}_exp_avg"],
+                rows[f"{net}_exp_avg_sq"],
+            )
+        self._fused_passes()
 
     def _compile(self, mode: str | None, cuda_graphs: bool) -> None:
         """Wrap both steps in torch.compile; CUDA graphs (reduce-overhead) on a GPU.

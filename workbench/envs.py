@@ -30,6 +30,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from workbench import seeding
+
 _BULLET_MODULE = "pybullet_envs_gymnasium"
 _EXAMPLE_ID = "HalfCheetahBulletEnv-v0"
 _registered = False
@@ -163,10 +165,10 @@ class BulletFirstReset(gym.Wrapper):
 class EpisodeSeeds(gym.Wrapper):
     """Seed every episode from (base seed, episode number), not from the env's own stream.
 
-    ``reset(seed=s)`` sets the base (a vector env passes seed + i to env i); every later reset
-    draws its seed from (base, episode). An episode's start is then a function of the run
-    seed, the env index and the episode number, so a resumed run can put each env back at
-    exactly the start of the episode it was in (set ``episode`` and reset).
+    ``reset(seed=s)`` sets the base (the run gives each env its own, ``seeding.env_seeds``);
+    every later reset draws its seed from (base, episode). An episode's start is then a
+    function of the run seed, the env index and the episode number, so a resumed run can put
+    each env back at exactly the start of the episode it was in (set ``episode`` and reset).
     """
 
     def __init__(self, env: gym.Env):
@@ -319,7 +321,8 @@ def make_vec_env(
 
     ``vectorization="async"`` runs each env in a worker process (for slow simulators);
     ``context`` picks the multiprocessing start method (default forkserver where available).
-    The action space is seeded here; reset with ``envs.reset(seed=seed)``.
+    The action space is seeded here from ``seed``; reset with
+    ``envs.reset(seed=seeding.env_seeds(seed, n_envs))`` so every env has its own stream.
     """
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
@@ -341,7 +344,7 @@ def make_vec_env(
         )
     else:
         raise ValueError(f"vectorization must be 'sync' or 'async', got {vectorization!r}")
-    envs.action_space.seed(seed)
+    envs.action_space.seed(seeding.integer(seed, "random_actions", bits=32))
     return envs
 
 
@@ -377,3 +380,43 @@ def finished_episodes(infos: dict[str, Any]) -> list[tuple[int, float, int]]:
     if mask is None:
         mask = np.ones(np.shape(episode["r"]), dtype=bool)
     return [(int(i), float(episode["r"][i]), int(episode["l"][i])) for i in np.flatnonzero(mask)]
+
+
+def env_options(env_cfg: Any) -> dict[str, Any]:
+    """``make_env`` / ``make_vec_env`` keyword arguments from an ``EnvConfig``."""
+    return {
+        "max_episode_steps": env_cfg.max_episode_steps,
+        "time_feature": env_cfg.time_feature,
+        "env_kwargs": dict(env_cfg.kwargs),
+    }
+
+
+class ActionScale:
+    """The agent acts in normalized units ([-1, 1], its tanh range); envs take their bounds."""
+
+    def __init__(self, space: gym.spaces.Box):
+        self.low = space.low.astype(np.float32)
+        self.high = space.high.astype(np.float32)
+
+    def to_env(self, actions: np.ndarray) -> np.ndarray:
+        return self.low + (actions + 1.0) * 0.5 * (self.high - self.low)
+
+
+class EnvStepper:
+    """``envs.step`` split in two, so an update can run while async workers simulate."""
+
+    def __init__(self, envs: Any, overlap: bool):
+        self.envs, self.overlap = envs, overlap
+        self._actions: np.ndarray | None = None
+
+    def start(self, actions: np.ndarray) -> None:
+        if self.overlap:
+            self.envs.step_async(actions)
+        else:
+            self._actions = actions
+
+    def finish(self) -> tuple[Any, ...]:
+        if self.overlap:
+            return self.envs.step_wait()
+        actions, self._actions = self._actions, None
+        return self.envs.step(actions)

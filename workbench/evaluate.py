@@ -1,19 +1,27 @@
 """Deterministic policy evaluation, with an optional video of the first episode.
 
 Evaluation runs on its own single env (not the training vector env), so its episodes are
-whole and its seed sequence is independent of training.
+whole and its seed sequence is independent of training. ``Evaluator`` is a training run's
+evaluations: each one logged, checked, and kept in the run's history.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import gymnasium as gym
 import numpy as np
+
+if TYPE_CHECKING:
+    from workbench.config import EvalConfig
+    from workbench.runstate import RunState
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +101,55 @@ def evaluate(
             frames.clear()
 
     return EvalResult(returns=returns, lengths=lengths, video_path=written)
+
+
+class Evaluator:
+    """A training run's evaluations: run, logged to the tracker, checked for divergence,
+    recorded in the run's history and shown on the progress display."""
+
+    def __init__(
+        self,
+        cfg: EvalConfig,
+        env: gym.Env,
+        policy: Callable[[np.ndarray], np.ndarray],
+        *,
+        seed: int,
+        tracker: Any,
+        state: RunState,
+        display: Any,
+    ):
+        self.cfg, self.env, self.policy, self.seed = cfg, env, policy, seed
+        self.tracker, self.state, self.display = tracker, state, display
+        self.seconds = {"loop": 0.0, "final": 0.0}
+
+    def __call__(
+        self, step: int, *, video_path: Path | None = None, final: bool = False
+    ) -> dict[str, float]:
+        from workbench.errors import DivergenceError
+
+        t0 = time.perf_counter()
+        res = evaluate(
+            self.policy,
+            self.env,
+            self.cfg.episodes,
+            seed=self.seed,
+            video_path=video_path,
+            video_max_frames=self.cfg.video_max_frames,
+            fps=self.cfg.video_fps,
+        )
+        metrics = res.metrics()
+        elapsed = time.perf_counter() - t0
+        self.seconds["final" if final else "loop"] += elapsed
+        mean, std = metrics["eval/return_mean"], metrics["eval/return_std"]
+        if not math.isfinite(mean):
+            raise DivergenceError(f"evaluation return is {mean}")
+        self.tracker.log_metrics(metrics, step)
+        self.state.record_eval(step, mean, std)
+        self.display.update(step, last_eval=mean)
+        log.info("step %d: eval return %.1f +- %.1f (%.1fs)", step, mean, std, elapsed)
+        if res.video_path is not None:
+            self.tracker.log_artifact(res.video_path, "video")
+        return metrics
 
 
 def headless_pygame() -> None:

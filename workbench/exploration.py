@@ -9,9 +9,8 @@ to [-1, 1].
 ``act`` / ``on_episode_end`` / ``adapt`` / ``metrics``.
 
 Randomness: each source draws from its own stream derived from the run seed (action noise,
-epsilon, parameter noise), so switching epsilon on does not change the action-noise
-sequence, and none of them collides with a plain ``np.random.default_rng(seed)`` used
-elsewhere in the run.
+epsilon, parameter noise; see ``workbench.seeding``), so switching epsilon on does not change
+the action-noise sequence, and none of them collides with another stream of the run.
 """
 
 from __future__ import annotations
@@ -25,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from workbench.config import EpsilonConfig, NoiseConfig, ScheduleConfig
+from workbench import seeding
+from workbench.config import SCHEDULE_KINDS, EpsilonConfig, NoiseConfig, ScheduleConfig
 
 __all__ = [
     "ActionNoise",
@@ -37,8 +37,6 @@ __all__ = [
     "Schedule",
     "epsilon_random",
 ]
-
-SCHEDULE_KINDS = ("constant", "linear", "exponential", "cosine")
 
 # Normalization layers whose parameters parameter-space noise leaves alone: Plappert et al.
 # put layer norm between perturbed layers so every layer's perturbation acts on the same
@@ -53,15 +51,6 @@ _UNPERTURBED_MODULES: tuple[type[nn.Module], ...] = tuple(
     )
     if m is not None
 )
-
-# Tag mixed into the seed so the exploration streams differ from default_rng(seed).
-_STREAM_TAG = 0x4558504C  # "EXPL"
-_STREAM_NOISE, _STREAM_EPSILON, _STREAM_PARAM = 0, 1, 2
-
-
-def _stream(seed: int, which: int) -> np.random.SeedSequence:
-    return np.random.SeedSequence(seed, spawn_key=(_STREAM_TAG, which))
-
 
 # ----------------------------------------------------------------------------- schedules
 
@@ -338,8 +327,8 @@ class Explorer:
         self.epsilon_schedule = Schedule.from_config(
             epsilon.kind, epsilon.start, epsilon.end, epsilon.duration
         )
-        self._noise_rng = np.random.default_rng(_stream(seed, _STREAM_NOISE))
-        self._epsilon_rng = np.random.default_rng(_stream(seed, _STREAM_EPSILON))
+        self._noise_rng = seeding.numpy_rng(seed, "explore_noise")
+        self._epsilon_rng = seeding.numpy_rng(seed, "explore_epsilon")
 
         self.noise: ActionNoise
         self.param_noise: AdaptiveParamNoise | None = None
@@ -358,10 +347,7 @@ class Explorer:
             self.noise = NoNoise(n_envs, action_dim)
         elif self.kind == "param":
             self.noise = NoNoise(n_envs, action_dim)
-            device = _device_of(actor)
-            generator = torch.Generator(device=device)
-            param_seed = _stream(seed, _STREAM_PARAM).generate_state(1, np.uint64)[0]
-            generator.manual_seed(int(param_seed))
+            generator = seeding.torch_generator(seed, "explore_param", _device_of(actor))
             self.param_noise = AdaptiveParamNoise(
                 initial_stddev=noise.initial_stddev,
                 adaptation_coef=noise.adaptation_coef,

@@ -20,40 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from workbench.networks import flat_views
-
-# Per activation: forward (may work in place on the pre-activation), whether the backward
-# needs the pre-activation (else the output is enough), and the backward ATen kernel autograd
-# itself uses for that module, so the fused pass computes what autograd computes.
-_Forward = Callable[[torch.Tensor], torch.Tensor]
-_Backward = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-_aten = torch.ops.aten
-
-ACTIVATIONS: dict[str, tuple[_Forward, bool, _Backward]] = {
-    # relu and tanh overwrite the incoming gradient, which is a temporary: one buffer fewer
-    "relu": (
-        torch.relu_,
-        False,
-        lambda g, y: _aten.threshold_backward.grad_input(g, y, 0, grad_input=g),
-    ),
-    "tanh": (
-        torch.tanh_,
-        False,
-        lambda g, y: _aten.tanh_backward.grad_input(g, y, grad_input=g),
-    ),
-    "leaky_relu": (
-        lambda z: nn.functional.leaky_relu(z, 0.01),
-        True,
-        lambda g, z: _aten.leaky_relu_backward(g, z, 0.01, False),
-    ),
-    "elu": (
-        nn.functional.elu,
-        True,
-        lambda g, z: _aten.elu_backward(g, 1.0, 1, 1, False, z),
-    ),
-    "silu": (nn.functional.silu, True, lambda g, z: _aten.silu_backward(g, z)),
-    "gelu": (nn.functional.gelu, True, lambda g, z: _aten.gelu_backward(g, z)),
-}
+from workbench.networks import ACTIVATIONS, flat_views
 
 
 def supports(activation: str, layer_norm: bool) -> bool:
@@ -91,7 +58,12 @@ class FusedMLP:
         others = [m for m in net if not isinstance(m, nn.Linear)]
         if len(others) != len(linears) - 1 or not supports(activation, False):
             raise ValueError("FusedMLP needs Linear -> activation -> ... -> Linear")
-        self.forward_act, self.needs_pre, self.backward_act = ACTIVATIONS[activation]
+        act = ACTIVATIONS[activation]
+        self.forward_act, self.needs_pre, self.backward_act = (
+            act.forward,
+            act.needs_pre,
+            act.backward,
+        )
         self.layers: list[_Linear] = []
         for i, lin in enumerate(linears):
             gw = grads[2 * i] if grads is not None else None
@@ -182,6 +154,22 @@ class FlatAdam(torch.optim.Adam):
         self.exp_avg_sq = torch.zeros_like(flat)
         # fused Adam keeps its step count on the parameters' device: no host sync
         self.step_count = torch.zeros((), dtype=torch.float32, device=flat.device)
+        self._alias_state()
+
+    def rehome(
+        self,
+        flat: torch.Tensor,
+        flat_grad: torch.Tensor,
+        exp_avg: torch.Tensor,
+        exp_avg_sq: torch.Tensor,
+    ) -> None:
+        """Use these buffers (already holding the values) from now on (``DDPG.rehome``)."""
+        self.flat, self.flat_grad, self.exp_avg, self.exp_avg_sq = (
+            flat,
+            flat_grad,
+            exp_avg,
+            exp_avg_sq,
+        )
         self._alias_state()
 
     def _params(self) -> list[torch.Tensor]:

@@ -6,19 +6,59 @@ happens at the env boundary and inside the exported policy, so the agent never s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
-ACTIVATION_MODULES: dict[str, type[nn.Module]] = {
-    "relu": nn.ReLU,
-    "tanh": nn.Tanh,
-    "elu": nn.ELU,
-    "gelu": nn.GELU,
-    "silu": nn.SiLU,
-    "leaky_relu": nn.LeakyReLU,
+_aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation, everywhere it is needed: the module the networks are built of, and
+    for the fused update (``workbench.fused``) its forward (in place on the pre-activation
+    when ``needs_pre`` is false), whether its backward needs the pre-activation (else the
+    output is enough), and the backward ATen kernel autograd itself uses for that module,
+    so the fused pass computes what autograd computes."""
+
+    module: type[nn.Module]
+    forward: Callable[[torch.Tensor], torch.Tensor]
+    needs_pre: bool
+    backward: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+# The one table of activations (config validates agent.activation against its keys).
+# relu and tanh overwrite the incoming gradient, which is a temporary: one buffer fewer.
+ACTIVATIONS: dict[str, Activation] = {
+    "relu": Activation(
+        nn.ReLU,
+        torch.relu_,
+        False,
+        lambda g, y: _aten.threshold_backward.grad_input(g, y, 0, grad_input=g),
+    ),
+    "tanh": Activation(
+        nn.Tanh,
+        torch.tanh_,
+        False,
+        lambda g, y: _aten.tanh_backward.grad_input(g, y, grad_input=g),
+    ),
+    "elu": Activation(
+        nn.ELU,
+        nn.functional.elu,
+        True,
+        lambda g, z: _aten.elu_backward(g, 1.0, 1, 1, False, z),
+    ),
+    "gelu": Activation(nn.GELU, nn.functional.gelu, True, lambda g, z: _aten.gelu_backward(g, z)),
+    "silu": Activation(nn.SiLU, nn.functional.silu, True, lambda g, z: _aten.silu_backward(g, z)),
+    "leaky_relu": Activation(
+        nn.LeakyReLU,
+        lambda z: nn.functional.leaky_relu(z, 0.01),
+        True,
+        lambda g, z: _aten.leaky_relu_backward(g, z, 0.01, False),
+    ),
 }
 
 
@@ -32,7 +72,7 @@ def mlp(
         layers.append(nn.Linear(prev, width))
         if layer_norm:
             layers.append(nn.LayerNorm(width))
-        layers.append(ACTIVATION_MODULES[activation]())
+        layers.append(ACTIVATIONS[activation].module())
         prev = width
     layers.append(nn.Linear(prev, out_dim))
     return nn.Sequential(*layers)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from workbench.networks import ACTIVATION_MODULES, Actor, ObsNormalizer
+from workbench.networks import ACTIVATIONS, Actor, ObsNormalizer
 
 POLICY_FILE = "policy.pt2"
 WEIGHTS_FILE = "weights.pt"
@@ -54,7 +54,7 @@ class ExportedPolicy(nn.Module):
 def describe(actor: Actor, obs_norm: ObsNormalizer) -> dict[str, Any]:
     """The architecture of an actor and normalizer, enough to rebuild them from weights."""
     linears = [m for m in actor.net if isinstance(m, nn.Linear)]
-    names = {cls: name for name, cls in ACTIVATION_MODULES.items()}
+    names = {a.module: name for name, a in ACTIVATIONS.items()}
     activation = next(names[type(m)] for m in actor.net if type(m) in names)
     return {
         "hidden": [m.out_features for m in linears[:-1]],
@@ -80,6 +80,24 @@ def build(spec: dict[str, Any]) -> ExportedPolicy:
     low = np.asarray(spec["action_low"], dtype=np.float32)
     high = np.asarray(spec["action_high"], dtype=np.float32)
     return ExportedPolicy(actor, norm, low, high).eval()
+
+
+def policy_spec(
+    env_cfg: Any, obs_dim: int, action_dim: int, low: np.ndarray, high: np.ndarray, **extra: Any
+) -> dict[str, Any]:
+    """What ``load_policy`` needs besides the weights: the env to run it on, its bounds."""
+    return {
+        "env_id": env_cfg.id,
+        "env_kwargs": dict(env_cfg.kwargs),
+        "max_episode_steps": env_cfg.max_episode_steps,
+        "time_feature": env_cfg.time_feature,
+        "obs_dim": obs_dim,
+        "action_dim": action_dim,
+        "action_low": low.tolist(),
+        "action_high": high.tolist(),
+        "normalize_obs": env_cfg.normalize_obs,
+        **extra,
+    }
 
 
 def save_policy(

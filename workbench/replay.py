@@ -28,6 +28,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from workbench import seeding
+
 
 @dataclass(frozen=True)
 class Batch:
@@ -67,8 +69,8 @@ class ReplayBuffer:
         self._allocate_next_obs()
         self.pos = 0  # next write index
         self.size = 0
-        self.generator = torch.Generator(device=self.storage_device)
-        self.generator.manual_seed(seed)
+        # its own stream of the run seed (workbench.seeding): not in lockstep with another
+        self.generator = seeding.torch_generator(seed, "replay", self.storage_device)
 
     def _allocate_next_obs(self) -> None:
         self.next_obs = torch.empty_like(self.obs)

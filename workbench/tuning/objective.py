@@ -24,6 +24,7 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from workbench import stats
 from workbench.config import Config, ConfigError, compose, config_hash, flatten, to_dict
 from workbench.tracking import NullTracker, Tracker, TrackingError, make_tracker, redact
 from workbench.train import DivergenceError, StopRun, train
@@ -68,18 +69,8 @@ class Surplus(Exception):
 # ----------------------------------------------------------------------------- scoring
 
 
-def iqm(values: Sequence[float]) -> float:
-    """Interquartile mean: the mean of the middle 50% (robust to one lucky or broken seed)."""
-    x = np.sort(np.asarray(values, dtype=float))
-    n = len(x)
-    if n < 4:
-        return float(x.mean())
-    cut = n // 4
-    return float(x[cut : n - cut].mean())
-
-
 def aggregate(values: Sequence[float], how: str) -> float:
-    return iqm(values) if how == "iqm" else float(np.mean(values))
+    return float(stats.iqm(values)) if how == "iqm" else float(np.mean(values))
 
 
 def score_curve(
