@@ -1,0 +1,367 @@
+"""A population: K DDPG/TD3 agents of one shape, updated by one batched step.
+
+Each member is an ordinary ``DDPG`` agent with its own hyperparameters (learning rates,
+tau, gamma, weight decay, target smoothing, policy delay, gradient clipping), its own
+generator and its own optimizer state, but its flat buffers (parameters, targets,
+gradients, Adam moments; see ``DDPG.rehome``) are rows of stacked ``(K, n)`` tensors. The
+gradient passes, the costly part, run once for all members as batched matrix products over
+those rows (``torch.baddbmm``/``torch.bmm``, the K axis leading); what differs per member
+is applied per member on its own rows: the Adam step with its learning rates, the Polyak
+step with its tau, the target with its gamma, its target noise from its own generator.
+
+Exactness. For most shapes the batched product gives, member by member, the very floats of
+the single agent's product; for some (a critic's one-unit head, a single observation when
+acting, tiny layers) the BLAS library picks another kernel for one matrix than for a batch
+and the last bits differ. Each product shape is probed once (``_batched_is_exact``): it is
+batched where that gives the single kernel's floats and done member by member where it does
+not. So on a CPU a member is updated bit for bit as its single agent would be
+(``tests/test_population.py``): it is the agent ``workbench train`` trains with its seed.
+On an accelerator the products are always batched (no bitwise claim there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from workbench import fused as fz
+from workbench.ddpg import DDPG, Metrics
+from workbench.networks import ACTIVATIONS, flat_views
+from workbench.replay import Batch
+
+# What members of one population must share: everything that sets a tensor's shape.
+SHAPE_KEYS = (
+    "agent.actor_hidden",
+    "agent.critic_hidden",
+    "agent.activation",
+    "agent.layer_norm",
+    "agent.n_critics",
+    "agent.batch_size",
+)
+
+
+_PROBED: dict[tuple[object, ...], bool] = {}
+
+
+def _batched_is_exact(
+    kind: str, k: int, rows: int, n_in: int, n_out: int, device: torch.device
+) -> bool:
+    """Whether the batched kernel for this product gives the per-member kernel's floats.
+
+    kinds: ``fwd`` (x W^T + b), ``gw`` (g^T x), ``gb`` (sum of g over rows), ``gi`` (g W),
+    ``gc`` (g W[:, cols], cols = the last ``n_in`` columns of a wider W).
+    """
+    if device.type != "cpu":
+        return True
+    key = (kind, k, rows, n_in, n_out)
+    if key not in _PROBED:
+        g = torch.Generator().manual_seed(len(_PROBED))
+        same = True
+        for _ in range(2):
+            w = torch.randn(k, n_out, n_in + (3 if kind == "gc" else 0), generator=g)
+            b = torch.randn(k, n_out, generator=g)
+            x = torch.randn(k, rows, n_in, generator=g)
+            d = torch.randn(k, rows, n_out, generator=g)
+            if kind == "fwd":
+                got = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+                want = [torch.addmm(b[j], x[j], w[j].t()) for j in range(k)]
+            elif kind == "gw":
+                got = torch.bmm(d.transpose(1, 2), x)
+                want = [torch.mm(d[j].t(), x[j]) for j in range(k)]
+            elif kind == "gb":
+                got = d.sum(1)
+                want = [torch.sum(d[j], 0) for j in range(k)]
+            elif kind == "gi":
+                got = torch.bmm(d, w)
+                want = [torch.mm(d[j], w[j]) for j in range(k)]
+            else:
+                got = torch.bmm(d, w[:, :, 3:])
+                want = [torch.mm(d[j], w[j][:, 3:]) for j in range(k)]
+            same = same and torch.equal(got, torch.stack(want))
+        _PROBED[key] = same
+    return _PROBED[key]
+
+
+@dataclass
+class _Layer:
+    weight: torch.Tensor  # (K, out, in): views of the stacked parameter rows
+    bias: torch.Tensor  # (K, out)
+    grad_weight: torch.Tensor | None
+    grad_bias: torch.Tensor | None
+
+
+class _StackedMLP:
+    """``fused.FusedMLP`` with a leading member axis: every product a batched one."""
+
+    def __init__(
+        self,
+        members_net: Sequence[torch.nn.Module],
+        flat: torch.Tensor,
+        offset: int,
+        grad: torch.Tensor | None,
+        activation: str,
+    ):
+        act = ACTIVATIONS[activation]
+        self.forward_act, self.needs_pre, self.backward_act = (
+            act.forward,
+            act.needs_pre,
+            act.backward,
+        )
+        net = members_net[0]
+        self.layers: list[_Layer] = []
+        k = flat.shape[0]
+        for lin in (m for m in net if isinstance(m, torch.nn.Linear)):
+            out_f, in_f = lin.weight.shape
+            w = slice(offset, offset + out_f * in_f)
+            b = slice(w.stop, w.stop + out_f)
+            self.layers.append(
+                _Layer(
+                    flat[:, w].view(k, out_f, in_f),
+                    flat[:, b],
+                    grad[:, w].view(k, out_f, in_f) if grad is not None else None,
+                    grad[:, b] if grad is not None else None,
+                )
+            )
+            offset = b.stop
+        self.end = offset
+
+    def forward(self, x: torch.Tensor, *, keep: bool = False) -> tuple[torch.Tensor, fz.Cache]:
+        cache = fz.Cache([], [])
+        h = x
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            if keep:
+                cache.inputs.append(h)
+            z = self._linear(layer, h)
+            if i == last:
+                return z, cache
+            h = self.forward_act(z)  # in place unless the backward needs z
+            if keep:
+                cache.saved.append(z if self.needs_pre else h)
+        raise AssertionError("unreachable")
+
+    def _linear(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        k, rows, n_in = h.shape
+        w, b = layer.weight, layer.bias
+        if _batched_is_exact("fwd", k, rows, n_in, w.shape[1], h.device):
+            return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        return torch.stack([torch.addmm(b[j], h[j], w[j].t()) for j in range(k)])
+
+    def backward(
+        self,
+        grad_out: torch.Tensor,
+        cache: fz.Cache,
+        *,
+        param_grads: bool,
+        input_columns: slice | None = None,
+    ) -> torch.Tensor | None:
+        g = grad_out
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            k, rows, n_out = g.shape
+            x, w = cache.inputs[i], layer.weight
+            if param_grads:
+                assert layer.grad_weight is not None and layer.grad_bias is not None
+                n_in = x.shape[2]
+                if _batched_is_exact("gw", k, rows, n_in, n_out, g.device):
+                    layer.grad_weight.copy_(torch.bmm(g.transpose(1, 2), x))
+                else:
+                    for j in range(k):
+                        torch.mm(g[j].t(), x[j], out=layer.grad_weight[j])
+                if _batched_is_exact("gb", k, rows, n_in, n_out, g.device):
+                    layer.grad_bias.copy_(g.sum(1))
+                else:
+                    for j in range(k):
+                        torch.sum(g[j], 0, out=layer.grad_bias[j])
+            if i == 0:
+                if input_columns is None:
+                    return None
+                cols = w[:, :, input_columns]
+                if _batched_is_exact("gc", k, rows, cols.shape[2], n_out, g.device):
+                    return torch.bmm(g, cols)
+                return torch.stack([torch.mm(g[j], cols[j]) for j in range(k)])
+            # one output (a critic's head): an outer product, no sums
+            if n_out == 1:
+                grad_in = g * w
+            elif _batched_is_exact("gi", k, rows, w.shape[2], n_out, g.device):
+                grad_in = torch.bmm(g, w)
+            else:
+                grad_in = torch.stack([torch.mm(g[j], w[j]) for j in range(k)])
+            g = self.backward_act(grad_in, cache.saved[i - 1])
+        raise AssertionError("unreachable")
+
+
+class Population:
+    """K fused agents of one shape whose flat buffers are rows of stacked storage."""
+
+    def __init__(self, agents: Sequence[DDPG]):
+        if not agents:
+            raise ValueError("a population needs at least one agent")
+        first = agents[0]
+        for i, agent in enumerate(agents):
+            if not agent.fused:
+                raise ValueError(f"member {i}: a population needs the fused update")
+            if agent.compiled:
+                raise ValueError(f"member {i}: a population does not compile its update")
+            for key in SHAPE_KEYS[:-1]:
+                name = key.split(".")[1]
+                if getattr(agent.cfg, name) != getattr(first.cfg, name):
+                    raise ValueError(f"member {i}: {key} differs from member 0 ({key} sets shapes)")
+            if (agent.obs_dim, agent.action_dim) != (first.obs_dim, first.action_dim):
+                raise ValueError(f"member {i}: observation or action size differs from member 0")
+        self.agents = list(agents)
+        self.k = len(agents)
+        self.obs_dim = first.obs_dim
+        device = first.device
+        self.storage = {
+            name: torch.stack([a.flat_buffer(name) for a in agents]) for name in DDPG.FLAT_BUFFERS
+        }
+        for k, agent in enumerate(agents):
+            agent.rehome({name: rows[k] for name, rows in self.storage.items()})
+        s, act = self.storage, first.cfg.activation
+        self.actor = _StackedMLP(
+            [a.actor.net for a in agents], s["actor_flat"], 0, s["actor_grad"], act
+        )
+        self.actor_target = _StackedMLP(
+            [a.actor_target.net for a in agents], s["actor_target_flat"], 0, None, act
+        )
+        self.critics, self.critic_targets = [], []
+        offset = 0
+        for i in range(len(first.critic.qs)):
+            nets = [a.critic.qs[i] for a in agents]
+            q = _StackedMLP(nets, s["critic_flat"], offset, s["critic_grad"], act)
+            qt = _StackedMLP(nets, s["critic_target_flat"], offset, None, act)
+            self.critics.append(q)
+            self.critic_targets.append(qt)
+            offset = q.end
+        assert offset == s["critic_flat"].shape[1]
+        # per member, as (K, 1) columns: the target's discount
+        self.gamma = torch.tensor([[a.cfg.gamma] for a in agents], device=device)
+        self._check_views(agents)
+
+    def _check_views(self, agents: Sequence[DDPG]) -> None:
+        """Every member's parameters are views of its row (what rehome promised)."""
+        for k, agent in enumerate(agents):
+            views = flat_views(self.storage["actor_flat"][k], agent.actor)
+            assert all(
+                p.data_ptr() == v.data_ptr()
+                for p, v in zip(agent.actor.parameters(), views, strict=True)
+            )
+
+    @torch.no_grad()
+    def act(self, obs: torch.Tensor) -> torch.Tensor:
+        """Deterministic actions of every member: (K, n, obs_dim) raw -> (K, n, action_dim)."""
+        x = torch.stack([a.obs_norm(o) for a, o in zip(self.agents, obs, strict=True)])
+        return torch.tanh(self.actor.forward(x)[0])
+
+    @torch.no_grad()
+    def update(self, batches: Sequence[Batch | None]) -> list[Metrics | None]:
+        """One update of every member with a batch (None: that member does not learn now).
+
+        Returns each member's metrics, as ``DDPG.update`` would (None where it had none).
+        """
+        if len(batches) != self.k:
+            raise ValueError(f"{len(batches)} batches for {self.k} members")
+        active = [b is not None for b in batches]
+        if not any(active):
+            return [None] * self.k
+        template = next(b for b in batches if b is not None)
+        size = template.rewards.shape[0]
+
+        def stack(field: str, k: int) -> torch.Tensor:
+            b = batches[k]
+            return getattr(b if b is not None else template, field)
+
+        agents = self.agents
+        raw_obs = [stack("obs", k) for k in range(self.k)]
+        raw_next = [stack("next_obs", k) for k in range(self.k)]
+        obs = torch.stack([a.obs_norm(o) for a, o in zip(agents, raw_obs, strict=True)])
+        next_obs = torch.stack([a.obs_norm(o) for a, o in zip(agents, raw_next, strict=True)])
+        actions = torch.stack([stack("actions", k) for k in range(self.k)])
+        rewards = torch.stack([stack("rewards", k) for k in range(self.k)])
+        terminated = torch.stack([stack("terminated", k) for k in range(self.k)])
+        noise = torch.zeros(self.k, size, template.actions.shape[1], device=obs.device)
+        for k, agent in enumerate(agents):
+            if active[k]:  # from its own generator, as its single run draws
+                member_noise = agent.target_noise(size)
+                if member_noise is not None:
+                    noise[k] = member_noise
+
+        # critic step (all members; applied to the active ones)
+        critic_loss, q_mean = self._critic_grads(obs, actions, rewards, next_obs, terminated, noise)
+        due = []
+        for k, agent in enumerate(agents):
+            if not active[k]:
+                due.append(False)
+                continue
+            if agent.cfg.max_grad_norm is not None:
+                fz.clip_grad_norm_(agent.critic_grad, agent.cfg.max_grad_norm)
+            agent._critic_flat_opt.flat_step()
+            agent.n_updates += 1
+            due.append(agent.n_updates % agent.cfg.policy_delay == 0)
+        metrics: list[Metrics | None] = [
+            {"loss/critic": critic_loss[k], "q/mean": q_mean[k]} if active[k] else None
+            for k in range(self.k)
+        ]
+        if not any(due):
+            return metrics
+
+        # actor and target step for the members whose policy delay is up
+        actor_loss = self._actor_grads(obs)
+        for k, agent in enumerate(agents):
+            if not due[k]:
+                continue
+            if agent.cfg.max_grad_norm is not None:
+                fz.clip_grad_norm_(agent.actor_grad, agent.cfg.max_grad_norm)
+            agent._actor_flat_opt.flat_step()
+            agent.critic_target_flat.lerp_(agent.critic_flat, agent.cfg.tau)
+            agent.actor_target_flat.lerp_(agent.actor_flat, agent.cfg.tau)
+            metrics[k]["loss/actor"] = actor_loss[k]  # type: ignore[index]
+        return metrics
+
+    def _critic_grads(
+        self,
+        obs: torch.Tensor,
+        actions: torch.Tensor,
+        rewards: torch.Tensor,
+        next_obs: torch.Tensor,
+        terminated: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused critic pass of ``DDPG._fused_critic`` for every member at once."""
+        next_actions = torch.tanh(self.actor_target.forward(next_obs)[0])
+        # a member without target smoothing adds zeros: tanh is within [-1, 1], so the clamp
+        # leaves its actions as they are, bit for bit
+        next_actions = (next_actions + noise).clamp(-1.0, 1.0)
+        x_next = torch.cat([next_obs, next_actions], dim=-1)
+        next_qs = [f.forward(x_next)[0].squeeze(-1) for f in self.critic_targets]
+        next_q = next_qs[0] if len(next_qs) == 1 else torch.stack(next_qs).min(dim=0).values
+        target = rewards + self.gamma * (1.0 - terminated) * next_q  # (K, B)
+
+        x = torch.cat([obs, actions], dim=-1)
+        outs = [f.forward(x, keep=True) for f in self.critics]
+        q = torch.stack([z.squeeze(-1) for z, _ in outs], dim=1)  # (K, n_critics, B)
+        diff = q - target.unsqueeze(1)
+        critic_loss = diff.square().mean(dim=2).sum(dim=1)
+        grad_q = (diff * 2.0) * (1.0 / diff.shape[2])
+        for i, (f, (_, cache)) in enumerate(zip(self.critics, outs, strict=True)):
+            f.backward(grad_q[:, i].unsqueeze(-1), cache, param_grads=True)
+        return critic_loss, q.mean(dim=(1, 2))
+
+    def _actor_grads(self, obs: torch.Tensor) -> torch.Tensor:
+        """The fused actor pass of ``DDPG._fused_actor`` for every member at once."""
+        z, actor_cache = self.actor.forward(obs, keep=True)
+        actions = torch.tanh(z)
+        critic = self.critics[0]
+        q, critic_cache = critic.forward(torch.cat([obs, actions], dim=-1), keep=True)
+        actor_loss = -q.mean(dim=(1, 2))
+        grad_q = torch.full_like(q, -1.0 / q.shape[1])
+        grad_actions = critic.backward(
+            grad_q, critic_cache, param_grads=False, input_columns=slice(self.obs_dim, None)
+        )
+        assert grad_actions is not None
+        grad_z = torch.ops.aten.tanh_backward(grad_actions, actions)
+        self.actor.backward(grad_z, actor_cache, param_grads=True)
+        return actor_loss
