@@ -189,11 +189,11 @@ def run_jobs(jobs: Sequence[Job], ablation: str, parent_run_id: str | None) -> N
     A failing run is logged and ends FAILED in MLflow (train() sees to that); the worker
     goes on with its next job. MLflow is the record of what finished.
     """
-    from workbench.cli import _setup_logging
+    from workbench.logs import setup_logging
     from workbench.tracking import make_tracker
     from workbench.train import train
 
-    _setup_logging()
+    setup_logging()
     for job in jobs:
         cfg, state = compose(list(job.overrides)), None
         if job.resume is not None:

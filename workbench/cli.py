@@ -24,17 +24,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from workbench.logs import setup_logging
+
 log = logging.getLogger("workbench")
 
 
 def _raise_interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
-
-
-def _setup_logging() -> None:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
 
 
 # --------------------------------------------------------------------------------- train
@@ -192,7 +188,7 @@ def _learning_check_job(overrides: list[str]) -> dict[str, Any]:
     from workbench.config import compose
     from workbench.train import train
 
-    _setup_logging()  # spawned workers start with logging unconfigured
+    setup_logging()  # spawned workers start with logging unconfigured
     cfg = compose(overrides)
     result = train(cfg, tags={"workbench.check": "learning"})
     return {
@@ -288,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     signal.signal(signal.SIGTERM, _raise_interrupt)
-    _setup_logging()
+    setup_logging()
     if argv and argv[0] == "train":
         try:
             return cmd_train(argv[1:])
