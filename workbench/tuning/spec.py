@@ -23,6 +23,7 @@ import yaml
 
 from workbench.config import Config, ConfigError, compose, conf_dir
 from workbench.specfile import compose_error_text
+from workbench.tuning.components import PRUNERS, SAMPLERS, component_class
 
 GROUPS = ("env", "agent", "noise", "schedule", "tracking")
 PARAM_TYPES = ("float", "int", "categorical")
@@ -30,8 +31,6 @@ METRICS = ("eval/return_mean",)
 DIRECTIONS = ("maximize", "minimize")
 SCORES = ("final", "last_k", "best", "auc")
 AGGREGATES = ("mean", "iqm")
-SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "none")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _TOP_KEYS = (
     "name",
@@ -522,8 +521,6 @@ def _component(
     if name not in options:
         c.fail(f"{what}.name", name, f"must be one of {', '.join(options)}")
         return name, args
-    from workbench.tuning.study import component_class
-
     cls, _ = component_class(what, name)
     params = inspect.signature(cls).parameters
     accepted = sorted(k for k in params if k != "self")
