@@ -271,12 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target", type=float, default=-200.0, help="every seed must reach this")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
 
-    from workbench import ablation, bench, compare
+    from workbench import ablation, compare, speed
     from workbench.tuning import commands as tuning_commands
 
     ablation.register(sub)
     compare.register(sub)
-    bench.register(sub)
+    speed.register(sub)
     tuning_commands.register(sub)  # tune, study-report, tune-bench
     return parser
 

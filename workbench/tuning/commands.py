@@ -57,7 +57,7 @@ def _add_followups(p: argparse.ArgumentParser) -> None:
 
 def register(sub: Any) -> None:
     """Add ``tune``, ``study-report`` and ``tune-bench`` (each sets its ``handler``)."""
-    from workbench.tuning import bench
+    from workbench.tuning import study_bench
 
     p = sub.add_parser("tune", help="run, resume or join an Optuna study: workbench tune SPEC")
     p.add_argument("spec", type=Path, help="study spec, e.g. studies/pendulum_ddpg.yaml")
@@ -85,8 +85,8 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_study_report)
 
     p = sub.add_parser("tune-bench", help="pruning / worker-scaling benchmark (prints JSON)")
-    bench.add_arguments(p)
-    p.set_defaults(handler=bench.cmd_bench)
+    study_bench.add_arguments(p)
+    p.set_defaults(handler=study_bench.cmd_bench)
 
 
 def _load(spec_path: Path, tracking_uri: str | None) -> Any:
@@ -102,7 +102,7 @@ def _existing(spec: Any, storage: str | None) -> tuple[Any, Any]:
     import optuna
 
     from workbench.tracking import redact
-    from workbench.tuning.runner import resolve_target, storage_for
+    from workbench.tuning.launch import resolve_target, storage_for
 
     target = resolve_target(spec, storage)
     try:
@@ -118,7 +118,7 @@ def _preflight(spec: Any, spec_path: Path, storage: str | None) -> None:
     config, and the tracking store must answer (one quick request, not MLflow's minutes of
     retries). An unreachable Optuna storage fails next, when it is opened, before any write."""
     from workbench.tracking import probe_store
-    from workbench.tuning.runner import resolve_target
+    from workbench.tuning.launch import resolve_target
     from workbench.tuning.spec import check_ranges
 
     check_ranges(spec, source=str(spec_path))
@@ -129,8 +129,8 @@ def _preflight(spec: Any, spec_path: Path, storage: str | None) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from workbench.tracking import TrackingError
+    from workbench.tuning.launch import run_study
     from workbench.tuning.objective import StudyError
-    from workbench.tuning.runner import run_study
 
     spec = _load(args.spec, args.tracking_uri)
     if args.report:
@@ -201,7 +201,7 @@ def cmd_study_report(args: argparse.Namespace) -> int:
     spec = parse_spec(text, source=f"spec stored with study {name!r}")
     if args.storage:
         spec = dataclasses.replace(spec, storage=args.storage)
-    from workbench.tuning.runner import resolve_target
+    from workbench.tuning.launch import resolve_target
 
     return _finish(study, spec, resolve_target(spec, url), args, codes=[0])
 
@@ -217,7 +217,7 @@ def _finish(
 ) -> int:
     """Report (files + terminal), then export and re-check if asked; a JSON line last.
     ``written``: the report folder the run just wrote and logged (not written twice)."""
-    from workbench.tuning import export, report, runs
+    from workbench.tuning import export, report, run_tree
     from workbench.tuning.study import PARENT_ATTR
 
     out_dir = written or report.write_report(
@@ -226,7 +226,7 @@ def _finish(
     report.print_report(study, spec, top=args.top, console=_console())
     parent_id = study.user_attrs.get(PARENT_ATTR)
     parent = (
-        runs.ParentRun(target.tracking_uri, parent_id)
+        run_tree.ParentRun(target.tracking_uri, parent_id)
         if target.tracking_uri and parent_id
         else None
     )

@@ -84,8 +84,8 @@ def _run(
     workers: int,
     n_trials: int,
 ) -> dict[str, Any]:
+    from workbench.tuning.launch import run_study
     from workbench.tuning.report import summarize
-    from workbench.tuning.runner import run_study
     from workbench.tuning.spec import parse_spec
 
     name = f"bench-{label}-{int(time.time())}"
