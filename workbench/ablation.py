@@ -10,12 +10,10 @@ baseline: in the terminal, as markdown + CSV, and as figures on the parent run.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,6 @@ from workbench.specfile import SpecError, check_keys, compose_error_text, load_y
 from workbench.tracking import (
     MlflowTracker,
     RunRecord,
-    TrackingError,
     metric_history,
     probe_store,
     resolve_uri,
@@ -447,7 +444,7 @@ def _markdown(result: AblationResult, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _print_table(result: AblationResult, rows: list[dict[str, Any]], console: Console) -> None:
+def print_table(result: AblationResult, rows: list[dict[str, Any]], console: Console) -> None:
     table = Table(title=f"ablation {result.spec.name}: final eval return over seeds")
     for col, justify in (
         ("variant", "left"),
@@ -507,42 +504,3 @@ def _report(result: AblationResult, parent: MlflowTracker, out_dir: Path) -> Non
         {f"iqm/{r['variant']}": r["iqm"] for r in rows if math.isfinite(r["iqm"])}, step=0
     )
     parent.flush()
-
-
-def cmd_ablate(args: argparse.Namespace) -> int:
-    try:
-        spec = load_spec(args.spec)
-    except SpecError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
-    try:
-        result = run_ablation(
-            spec, workers=args.workers, out_dir=args.out, run=not args.report_only
-        )
-    except TrackingError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
-    console = Console()
-    if not console.is_terminal:
-        console.width = 180
-    _print_table(result, result.rows, console)
-    console.print(
-        f"ran {result.ran}, reused {result.skipped} finished run(s), {len(result.failed)} failed; "
-        f"report: {result.files.get('markdown')}; parent run: {result.parent_run_id}"
-    )
-    for failure in result.failed:
-        console.print(
-            f"  failed: {failure['variant']} seed {failure['seed']}: {failure.get('error')}"
-        )
-    return 1 if result.failed else 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ablate", help="run an ablation spec (variants x seeds) and report")
-    p.add_argument("spec", type=Path, help="ablation spec YAML, e.g. studies/ablations/tau.yaml")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument(
-        "--out", type=Path, default=None, help="report folder (default mlruns/ablations/<name>)"
-    )
-    p.add_argument("--report-only", action="store_true", help="report on finished runs only")
-    p.set_defaults(handler=cmd_ablate)
