@@ -48,8 +48,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         f"ran {result.ran}, reused {result.skipped} finished run(s), {len(result.failed)} failed; "
         f"report: {result.files.get('markdown')}; parent run: {result.parent_run_id}"
     )
-    for failure in result.failed:
-        console.print(
-            f"  failed: {failure['variant']} seed {failure['seed']}: {failure.get('error')}"
-        )
+    for job in result.failed:
+        console.print(f"  failed: {job.variant} seed {job.seed}")
     return 1 if result.failed else 0
