@@ -136,6 +136,28 @@ def test_cli_ablate_rejects_a_bad_spec(tmp_path):
     assert not (tmp_path / "mlruns").exists()
 
 
+def test_cli_ablate_names_each_failed_run(tmp_path, monkeypatch, capsys):
+    """A run that failed is listed by variant and seed, and the command exits 1."""
+    import signal
+
+    from workbench import ablation
+    from workbench.cli import main
+
+    spec = ablation.AblationSpec("x", [], "a", {"a": [], "b": []}, [0, 1])
+    failed = [ablation.Job("b", 1, (), "hash")]
+    result = ablation.AblationResult(spec, "parent", 4, 0, failed, {}, {})
+    monkeypatch.setattr(ablation, "load_spec", lambda path: spec)
+    monkeypatch.setattr(ablation, "run_ablation", lambda spec, **kwargs: result)
+    sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own handler
+    try:
+        assert main(["ablate", str(tmp_path / "spec.yaml")]) == 1
+    finally:
+        signal.signal(signal.SIGTERM, sigterm)
+    out = capsys.readouterr().out
+    assert "ran 4, reused 0 finished run(s), 1 failed" in out
+    assert "failed: b seed 1" in out
+
+
 class _KillAt:
     def __init__(self, step):
         self.step = step

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from workbench import bench
+from workbench import speed
 from workbench.cli import main
 from workbench.config import compose
 from workbench.tracking import NullTracker
@@ -27,7 +27,7 @@ QUICK = {"updates": 5, "rounds": 2, "warmup": 2, "env_steps": 50, "e2e_rounds": 
 
 
 def test_bench_reports_every_figure_with_sb3_when_installed():
-    out = bench.run_bench(TINY, **QUICK)
+    out = speed.run_bench(TINY, **QUICK)
     assert out["settings"]["env_id"] == "Pendulum-v1"
     assert out["settings"]["utd"] == 1.0
     assert out["settings"]["perf"]["fused_update"] is True
@@ -52,7 +52,7 @@ def test_bench_reports_every_figure_with_sb3_when_installed():
     assert rep["footprint_bytes"] == rep["bytes_per_transition"] * 2000
     assert rep["halfcheetah_1m_mb"]["compact"] < 200 < rep["halfcheetah_1m_mb"]["plain"]
 
-    if bench.sb3_available():
+    if speed.sb3_available():
         assert out["sb3"]["compared"]
         assert up["sb3_updates_per_s"] > 0 and len(up["sb3_rounds"]) == 2
         assert up["ratio_ours_to_sb3"] == pytest.approx(
@@ -77,10 +77,10 @@ def test_end_to_end_rounds_alternate_and_pool(monkeypatch):
         calls.append("sb3")
         return {"steps": 100, "learn_s": 2.0}
 
-    monkeypatch.setattr(bench, "_ours_end_to_end", ours)
-    monkeypatch.setattr(bench, "_sb3_end_to_end", sb3)
-    monkeypatch.setattr(bench, "_init_store", lambda cfg: None)
-    out = bench.bench_end_to_end(compose(TINY), None, rounds=2, with_sb3=True)
+    monkeypatch.setattr(speed, "_ours_end_to_end", ours)
+    monkeypatch.setattr(speed, "_sb3_end_to_end", sb3)
+    monkeypatch.setattr(speed, "_init_store", lambda cfg: None)
+    out = speed.bench_end_to_end(compose(TINY), None, rounds=2, with_sb3=True)
     assert calls == ["ours", "sb3", "sb3", "ours"]  # ABBA
     assert out["ours"]["sps_training_loop_pooled"] == 50.0  # 200 steps in 4 s
     assert out["sb3"]["sps_pooled"] == 50.0 and out["ratio_ours_to_sb3"] == 1.0
@@ -102,7 +102,7 @@ def test_bench_command_names_a_bad_override(capsys):
 
 def test_timed_tracker_adds_up_time_per_call_and_passes_everything_through():
     inner = NullTracker()
-    timed = bench.TimedTracker(inner)
+    timed = speed.TimedTracker(inner)
     timed.start(params={"a": 1}, tags={"t": "x"})
     timed.log_metrics({"loss/critic": 1.0}, 10)
     timed.log_text("hello", "note.txt")
@@ -115,7 +115,7 @@ def test_timed_tracker_adds_up_time_per_call_and_passes_everything_through():
     assert timed.run_id is None
 
 
-@pytest.mark.skipif(not bench.sb3_available(), reason="needs the bench extra (SB3)")
+@pytest.mark.skipif(not speed.sb3_available(), reason="needs the bench extra (SB3)")
 @pytest.mark.parametrize(
     ("overrides", "algo"),
     [([], "DDPG"), (["agent=td3"], "TD3"), (["noise=ou", "agent.actor_lr=1e-4"], "DDPG")],
@@ -124,8 +124,8 @@ def test_sb3_model_uses_our_settings(overrides, algo):
     import torch
 
     cfg = compose([*TINY, *overrides])
-    env = bench._sb3_env(cfg)
-    model, notes = bench.sb3_model(cfg, torch.device("cpu"), env)
+    env = speed._sb3_env(cfg)
+    model, notes = speed.sb3_model(cfg, torch.device("cpu"), env)
     assert type(model).__name__ == algo
     a = cfg.agent
     assert (model.batch_size, model.tau, model.gamma) == (a.batch_size, a.tau, a.gamma)

@@ -19,8 +19,8 @@ from workbench.cli import main
 from workbench.config import compose, conf_dir
 from workbench.tracking import embedded_uri
 from workbench.tuning.export import PRESET_EXCLUDED, recheck, trial_overrides
+from workbench.tuning.launch import prepare, resolve_target, run_study, storage_for
 from workbench.tuning.objective import Objective, TrialFailed
-from workbench.tuning.runner import prepare, resolve_target, run_study, storage_for
 from workbench.tuning.spec import parse_spec
 from workbench.tuning.study import (
     ENV_STEPS,

@@ -20,7 +20,7 @@ import yaml
 from optuna.trial import TrialState
 from tuning_helpers import tiny_spec
 
-from workbench.tuning.runner import run_study
+from workbench.tuning.launch import run_study
 from workbench.tuning.spec import parse_spec
 from workbench.tuning.study import counts, make_storage
 

@@ -10,8 +10,8 @@ from tuning_helpers import tiny_spec, write_spec
 from workbench.cli import main
 from workbench.config import compose
 from workbench.stats import iqm
+from workbench.tuning.launch import base_values
 from workbench.tuning.objective import score_curve
-from workbench.tuning.runner import base_values
 from workbench.tuning.spec import SpecError, load_spec, parse_spec, sample, to_overrides
 
 STUDIES = Path(__file__).resolve().parents[1] / "studies"

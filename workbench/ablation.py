@@ -10,12 +10,10 @@ baseline: in the terminal, as markdown + CSV, and as figures on the parent run.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import dataclasses
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +26,10 @@ from rich.table import Table
 from workbench import stats
 from workbench.checkpoint import CheckpointError, prepare_resume
 from workbench.config import ConfigError, compose, config_hash
-from workbench.specfile import Problems, SpecError, compose_error_text, parse_yaml, read_spec_text
+from workbench.specfile import Problems, compose_error_text, parse_yaml, read_spec_text
 from workbench.tracking import (
     MlflowTracker,
     RunRecord,
-    TrackingError,
     metric_history,
     probe_store,
     resolve_uri,
@@ -200,11 +197,11 @@ def run_jobs(jobs: Sequence[Job], ablation: str, parent_run_id: str | None) -> N
     A failing run is logged and ends FAILED in MLflow (train() sees to that); the worker
     goes on with its next job. MLflow is the record of what finished.
     """
-    from workbench.cli import _setup_logging
+    from workbench.logs import setup_logging
     from workbench.tracking import make_tracker
     from workbench.train import train
 
-    _setup_logging()
+    setup_logging()
     for job in jobs:
         cfg, state = compose(list(job.overrides)), None
         if job.resume is not None:
@@ -458,7 +455,7 @@ def _markdown(result: AblationResult, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _print_table(result: AblationResult, rows: list[dict[str, Any]], console: Console) -> None:
+def print_table(result: AblationResult, rows: list[dict[str, Any]], console: Console) -> None:
     table = Table(title=f"ablation {result.spec.name}: final eval return over seeds")
     for col, justify in (
         ("variant", "left"),
@@ -518,42 +515,3 @@ def _report(result: AblationResult, parent: MlflowTracker, out_dir: Path) -> Non
         {f"iqm/{r['variant']}": r["iqm"] for r in rows if math.isfinite(r["iqm"])}, step=0
     )
     parent.flush()
-
-
-def cmd_ablate(args: argparse.Namespace) -> int:
-    try:
-        spec = load_spec(args.spec)
-    except SpecError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
-    try:
-        result = run_ablation(
-            spec, workers=args.workers, out_dir=args.out, run=not args.report_only
-        )
-    except TrackingError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
-    console = Console()
-    if not console.is_terminal:
-        console.width = 180
-    _print_table(result, result.rows, console)
-    console.print(
-        f"ran {result.ran}, reused {result.skipped} finished run(s), {len(result.failed)} failed; "
-        f"report: {result.files.get('markdown')}; parent run: {result.parent_run_id}"
-    )
-    for failure in result.failed:
-        console.print(
-            f"  failed: {failure['variant']} seed {failure['seed']}: {failure.get('error')}"
-        )
-    return 1 if result.failed else 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ablate", help="run an ablation spec (variants x seeds) and report")
-    p.add_argument("spec", type=Path, help="ablation spec YAML, e.g. studies/ablations/tau.yaml")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
-    p.add_argument(
-        "--out", type=Path, default=None, help="report folder (default mlruns/ablations/<name>)"
-    )
-    p.add_argument("--report-only", action="store_true", help="report on finished runs only")
-    p.set_defaults(handler=cmd_ablate)

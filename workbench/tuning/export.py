@@ -24,7 +24,7 @@ from omegaconf import OmegaConf
 from workbench.config import Config, compose, conf_dir, to_dict
 from workbench.tracking import make_tracker
 from workbench.train import train
-from workbench.tuning import runs
+from workbench.tuning import run_tree as runs
 from workbench.tuning.objective import aggregate, score_curve
 from workbench.tuning.spec import StudySpec
 from workbench.tuning.study import OVERRIDES, best_trial, completed

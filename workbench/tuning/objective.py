@@ -28,7 +28,7 @@ from workbench import stats
 from workbench.config import Config, ConfigError, compose, config_hash, flatten, to_dict
 from workbench.tracking import NullTracker, Tracker, TrackingError, make_tracker, redact
 from workbench.train import DivergenceError, StopRun, train
-from workbench.tuning import runs
+from workbench.tuning import run_tree as runs
 from workbench.tuning.spec import StudySpec, sample, to_overrides
 from workbench.tuning.study import (
     ENV_STEPS,

@@ -21,6 +21,7 @@ from typing import Any
 
 from workbench.config import Config, ConfigError, compose, conf_dir
 from workbench.specfile import Problems, SpecError, compose_error_text, parse_yaml, read_spec_text
+from workbench.tuning.components import PRUNERS, SAMPLERS, component_class
 
 GROUPS = ("env", "agent", "noise", "schedule", "tracking")
 PARAM_TYPES = ("float", "int", "categorical")
@@ -28,8 +29,6 @@ METRICS = ("eval/return_mean",)
 DIRECTIONS = ("maximize", "minimize")
 SCORES = ("final", "last_k", "best", "auc")
 AGGREGATES = ("mean", "iqm")
-SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc")
-PRUNERS = ("median", "percentile", "successive_halving", "hyperband", "wilcoxon", "none")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _TOP_KEYS = (
     "name",
@@ -483,8 +482,6 @@ def _component(
     if name not in options:
         c.fail(f"{what}.name", name, f"must be one of {', '.join(options)}")
         return name, args
-    from workbench.tuning.study import component_class
-
     cls, _ = component_class(what, name)
     params = inspect.signature(cls).parameters
     accepted = sorted(k for k in params if k != "self")

@@ -29,6 +29,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from workbench.tracking import driver_url, redact
+from workbench.tuning.components import component_class
 
 if TYPE_CHECKING:
     from workbench.tuning.spec import StudySpec
@@ -46,27 +47,6 @@ SEED_SCORES = "workbench.seed_scores"
 SPEC_ATTR = "workbench.spec"
 PARENT_ATTR = "workbench.mlflow_parent_run_id"
 SQLITE_BUSY_TIMEOUT_S = 60
-
-
-def component_class(what: str, name: str) -> tuple[type, tuple[str, ...]]:
-    """The Optuna class behind a sampler/pruner name, and the arguments we default ourselves."""
-    s, p = optuna.samplers, optuna.pruners
-    if what == "sampler":
-        return {
-            "tpe": (s.TPESampler, ("seed",)),
-            "random": (s.RandomSampler, ("seed",)),
-            "cmaes": (s.CmaEsSampler, ("seed",)),
-            "gp": (s.GPSampler, ("seed",)),
-            "qmc": (s.QMCSampler, ("seed",)),
-        }[name]
-    return {
-        "median": (p.MedianPruner, ()),
-        "percentile": (p.PercentilePruner, ()),
-        "successive_halving": (p.SuccessiveHalvingPruner, ()),
-        "hyperband": (p.HyperbandPruner, ()),
-        "wilcoxon": (p.WilcoxonPruner, ()),
-        "none": (p.NopPruner, ()),
-    }[name]
 
 
 def make_sampler(spec: StudySpec, worker_index: int = 0) -> optuna.samplers.BaseSampler:

@@ -13,13 +13,13 @@ tune-bench``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,68 +28,66 @@ import yaml
 log = logging.getLogger(__name__)
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--spec", type=Path, default=None, help="default: studies/pendulum_ddpg.yaml")
-    p.add_argument("--trials", type=int, default=30)
-    p.add_argument("--steps", type=int, default=10_000, help="env steps per trial")
-    p.add_argument("--eval-every", type=int, default=1000)
-    p.add_argument("--eval-episodes", type=int, default=5)
-    p.add_argument("--sampler-seed", type=int, default=0)
-    p.add_argument("--pruner", default="successive_halving", help="pruner of the pruned study")
-    p.add_argument(
-        "--pruner-args",
-        default=None,
-        help="JSON keyword arguments of the pruner (default for successive_halving and "
-        "hyperband: min_resource 2 x eval-every, reduction_factor 3)",
-    )
-    p.add_argument(
-        "--scaling-trials",
-        type=int,
-        default=None,
-        help="trials of the 2-worker unpruned study (default: --trials)",
-    )
-    p.add_argument("--skip-scaling", action="store_true", help="no 2-worker run")
-    p.add_argument("--dir", type=Path, default=None, help="store folder (default: a temp dir)")
+@dataclass(frozen=True)
+class BenchSettings:
+    """What ``workbench tune-bench`` varies (its flags)."""
+
+    spec: Path | None  # None: studies/pendulum_ddpg.yaml
+    trials: int
+    steps: int  # env steps per trial
+    eval_every: int
+    eval_episodes: int
+    sampler_seed: int
+    pruner: str  # the pruner of the pruned study
+    pruner_args: dict[str, Any] | None  # None: defaults for successive_halving and hyperband
+    scaling_trials: int | None  # trials of the 2-worker unpruned study (None: ``trials``)
+    skip_scaling: bool
+    dir: Path | None  # store folder (None: a temp dir)
 
 
-def _spec_text(args: argparse.Namespace, name: str, pruner: str, pruner_args: dict) -> str:
-    path = args.spec or Path(__file__).resolve().parents[2] / "studies" / "pendulum_ddpg.yaml"
+def _spec_text(
+    settings: BenchSettings, store: Path, name: str, pruner: str, pruner_args: dict
+) -> str:
+    path = settings.spec or Path(__file__).resolve().parents[2] / "studies" / "pendulum_ddpg.yaml"
     raw = yaml.safe_load(Path(path).read_text())
     raw["name"] = name
-    raw["steps"] = args.steps
-    raw["eval_every"] = args.eval_every
-    raw["n_trials"] = args.trials
+    raw["steps"] = settings.steps
+    raw["eval_every"] = settings.eval_every
+    raw["n_trials"] = settings.trials
     raw.pop("timeout", None)
     raw.pop("storage", None)
     raw["tracking"] = {"experiment": f"bench-{name}"}
     sampler = raw.get("sampler", "tpe")
     sampler = {"name": sampler} if isinstance(sampler, str) else dict(sampler)
-    sampler["seed"] = args.sampler_seed
+    sampler["seed"] = settings.sampler_seed
     raw["sampler"] = sampler
     raw["pruner"] = {"name": pruner, **pruner_args}
     base = raw.setdefault("base", {})
     base["overrides"] = [
         *[o for o in base.get("overrides", []) if not o.startswith("eval.episodes=")],
-        f"eval.episodes={args.eval_episodes}",
-        f"tracking.dir={args.store}",
+        f"eval.episodes={settings.eval_episodes}",
+        f"tracking.dir={store}",
     ]
     return yaml.safe_dump(raw, sort_keys=False)
 
 
 def _run(
-    args: argparse.Namespace,
+    settings: BenchSettings,
+    store: Path,
     label: str,
     pruner: str,
     pruner_args: dict,
     workers: int,
     n_trials: int,
 ) -> dict[str, Any]:
+    from workbench.tuning.launch import run_study
     from workbench.tuning.report import summarize
-    from workbench.tuning.runner import run_study
     from workbench.tuning.spec import parse_spec
 
     name = f"bench-{label}-{int(time.time())}"
-    spec = parse_spec(_spec_text(args, name, pruner, pruner_args), source=f"bench spec {label}")
+    spec = parse_spec(
+        _spec_text(settings, store, name, pruner, pruner_args), source=f"bench spec {label}"
+    )
     t0 = time.perf_counter()
     outcome = run_study(spec, workers=workers, n_trials=n_trials)
     wall = time.perf_counter() - t0
@@ -110,30 +108,29 @@ def _run(
     return result
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    for key in ("trials", "steps", "eval_every", "eval_episodes"):
-        if getattr(args, key) < 1:
-            raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)}: must be >= 1")
-    if args.pruner_args is not None:
-        pruner_args = json.loads(args.pruner_args)
-    elif args.pruner in ("successive_halving", "hyperband"):
-        pruner_args = {"min_resource": 2 * args.eval_every, "reduction_factor": 3}
-        if args.pruner == "hyperband":
-            pruner_args["max_resource"] = args.steps
+def run_bench(settings: BenchSettings) -> dict[str, Any]:
+    """Run the three studies and compare them: everything ``workbench tune-bench`` prints."""
+    if settings.pruner_args is not None:
+        pruner_args = settings.pruner_args
+    elif settings.pruner in ("successive_halving", "hyperband"):
+        pruner_args = {"min_resource": 2 * settings.eval_every, "reduction_factor": 3}
+        if settings.pruner == "hyperband":
+            pruner_args["max_resource"] = settings.steps
     else:
         pruner_args = {}
     tmp = None
-    if args.dir is None:
+    if settings.dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="workbench-tune-bench-")
-        args.store = Path(tmp.name)
+        store = Path(tmp.name)
     else:
-        args.store = args.dir.resolve()
+        store = settings.dir.resolve()
     try:
-        unpruned = _run(args, "nopruning", "none", {}, 1, args.trials)
-        pruned = _run(args, "pruning", args.pruner, pruner_args, 1, args.trials)
+        unpruned = _run(settings, store, "nopruning", "none", {}, 1, settings.trials)
+        pruned = _run(settings, store, "pruning", settings.pruner, pruner_args, 1, settings.trials)
         scaling = None
-        if not args.skip_scaling:
-            scaling = _run(args, "2workers", "none", {}, 2, args.scaling_trials or args.trials)
+        if not settings.skip_scaling:
+            n = settings.scaling_trials or settings.trials
+            scaling = _run(settings, store, "2workers", "none", {}, 2, n)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -148,13 +145,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "python": platform.python_version(),
         },
         "settings": {
-            "spec": str(args.spec or "studies/pendulum_ddpg.yaml"),
-            "trials": args.trials,
-            "steps_per_trial": args.steps,
-            "eval_every": args.eval_every,
-            "eval_episodes": args.eval_episodes,
-            "sampler_seed": args.sampler_seed,
-            "pruner": args.pruner,
+            "spec": str(settings.spec or "studies/pendulum_ddpg.yaml"),
+            "trials": settings.trials,
+            "steps_per_trial": settings.steps,
+            "eval_every": settings.eval_every,
+            "eval_episodes": settings.eval_episodes,
+            "sampler_seed": settings.sampler_seed,
+            "pruner": settings.pruner,
             "pruner_args": pruner_args,
         },
         "unpruned_1_worker": unpruned,
@@ -176,5 +173,4 @@ def cmd_bench(args: argparse.Namespace) -> int:
             "speedup": round(speedup, 2),
             "target_met": speedup >= 1.6,
         }
-    print(json.dumps(out, indent=2))
-    return 0
+    return out

@@ -19,14 +19,11 @@ SB3 fields are absent and ``sb3.available`` is false.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import functools
-import json
 import os
 import platform
 import statistics
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -38,6 +35,7 @@ import torch
 
 from workbench import envs as envs_mod
 from workbench.config import Config, compose, to_dict
+from workbench.networks import ACTIVATIONS
 from workbench.replay import CompactReplayBuffer, ReplayBuffer
 from workbench.tracking import Tracker, make_tracker
 
@@ -89,12 +87,7 @@ def utd(cfg: Config) -> float:
 
 
 def _env_kw(cfg: Config) -> dict[str, Any]:
-    e = cfg.env
-    return {
-        "max_episode_steps": e.max_episode_steps,
-        "time_feature": e.time_feature,
-        "env_kwargs": dict(e.kwargs),
-    }
+    return envs_mod.env_options(cfg.env)
 
 
 def _dims(cfg: Config) -> tuple[int, int]:
@@ -156,14 +149,7 @@ def sb3_model(cfg: Config, device: torch.device, env: Any) -> tuple[Any, list[st
         )
     elif n.kind == "param":
         notes.append("SB3 has no parameter noise: running without exploration noise")
-    activation = {
-        "relu": torch.nn.ReLU,
-        "tanh": torch.nn.Tanh,
-        "elu": torch.nn.ELU,
-        "gelu": torch.nn.GELU,
-        "silu": torch.nn.SiLU,
-        "leaky_relu": torch.nn.LeakyReLU,
-    }[a.activation]
+    activation = ACTIVATIONS[a.activation].module
     policy_kwargs: dict[str, Any] = {
         "net_arch": {"pi": list(a.actor_hidden), "qf": list(a.critic_hidden)},
         "activation_fn": activation,
@@ -598,40 +584,3 @@ def run_bench(
             out["end_to_end"] = end
         out["replay"] = replay_footprint(cfg, obs_dim, act_dim)
     return out
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def cmd_bench(args: argparse.Namespace) -> int:
-    from workbench.config import ConfigError
-
-    try:
-        out = run_bench(
-            args.overrides,
-            updates=args.updates,
-            rounds=args.rounds,
-            warmup=args.warmup,
-            env_steps=args.env_steps,
-            e2e=not args.no_e2e,
-            e2e_rounds=args.e2e_rounds,
-            sb3=args.sb3,
-        )
-    except ConfigError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(out, indent=2))
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="update and end-to-end speed, next to SB3's DDPG; JSON")
-    p.add_argument("--updates", type=int, default=200, help="updates per timed chunk")
-    p.add_argument("--rounds", type=int, default=5, help="timed chunks each, alternating")
-    p.add_argument("--warmup", type=int, default=50, help="untimed updates first (compile)")
-    p.add_argument("--env-steps", type=int, default=5000, help="steps for the raw env rate")
-    p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training runs")
-    p.add_argument("--e2e-rounds", type=int, default=2, help="end-to-end runs each (ABBA)")
-    p.add_argument("--sb3", choices=("auto", "yes", "no"), default="auto")
-    p.add_argument("overrides", nargs="*", help="Hydra overrides: env=..., agent.*, total_steps=")
-    p.set_defaults(handler=cmd_bench)

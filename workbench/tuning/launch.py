@@ -23,7 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from workbench import parallel
 from workbench.config import compose, flatten, to_dict
 from workbench.tracking import redact, resolve_uri
-from workbench.tuning import runs
+from workbench.tuning import run_tree as runs
 from workbench.tuning.objective import (
     MAX_CONSECUTIVE_ERRORS,
     Objective,

@@ -1,4 +1,4 @@
-"""CLI subcommands of the study runner (registered into ``workbench`` by ``register``).
+"""Study commands: ``tune``, ``study-report`` and ``tune-bench``.
 
 workbench tune SPEC [--workers K] [--trials N] [--timeout S] [--storage URL]
                     [--tracking-uri URI] [--report] [--export [PATH]] [--recheck K]
@@ -55,10 +55,32 @@ def _add_followups(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=_positive(int, 1), default=15, help="trials in the terminal table")
 
 
-def register(sub: Any) -> None:
-    """Add ``tune``, ``study-report`` and ``tune-bench`` (each sets its ``handler``)."""
-    from workbench.tuning import bench
+def _add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", type=Path, default=None, help="default: studies/pendulum_ddpg.yaml")
+    p.add_argument("--trials", type=int, default=30)
+    p.add_argument("--steps", type=int, default=10_000, help="env steps per trial")
+    p.add_argument("--eval-every", type=int, default=1000)
+    p.add_argument("--eval-episodes", type=int, default=5)
+    p.add_argument("--sampler-seed", type=int, default=0)
+    p.add_argument("--pruner", default="successive_halving", help="pruner of the pruned study")
+    p.add_argument(
+        "--pruner-args",
+        default=None,
+        help="JSON keyword arguments of the pruner (default for successive_halving and "
+        "hyperband: min_resource 2 x eval-every, reduction_factor 3)",
+    )
+    p.add_argument(
+        "--scaling-trials",
+        type=int,
+        default=None,
+        help="trials of the 2-worker unpruned study (default: --trials)",
+    )
+    p.add_argument("--skip-scaling", action="store_true", help="no 2-worker run")
+    p.add_argument("--dir", type=Path, default=None, help="store folder (default: a temp dir)")
 
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``tune``, ``study-report`` and ``tune-bench`` (each sets its ``handler``)."""
     p = sub.add_parser("tune", help="run, resume or join an Optuna study: workbench tune SPEC")
     p.add_argument("spec", type=Path, help="study spec, e.g. studies/pendulum_ddpg.yaml")
     p.add_argument("--workers", type=_positive(int, 1), default=1, help="local worker processes")
@@ -85,8 +107,11 @@ def register(sub: Any) -> None:
     p.set_defaults(handler=cmd_study_report)
 
     p = sub.add_parser("tune-bench", help="pruning / worker-scaling benchmark (prints JSON)")
-    bench.add_arguments(p)
-    p.set_defaults(handler=bench.cmd_bench)
+    _add_bench_arguments(p)
+    p.set_defaults(handler=cmd_tune_bench)
+
+
+# ---------------------------------------------------------------------- tune, study-report
 
 
 def _load(spec_path: Path, tracking_uri: str | None) -> Any:
@@ -102,7 +127,7 @@ def _existing(spec: Any, storage: str | None) -> tuple[Any, Any]:
     import optuna
 
     from workbench.tracking import redact
-    from workbench.tuning.runner import resolve_target, storage_for
+    from workbench.tuning.launch import resolve_target, storage_for
 
     target = resolve_target(spec, storage)
     try:
@@ -118,7 +143,7 @@ def _preflight(spec: Any, spec_path: Path, storage: str | None) -> None:
     config, and the tracking store must answer (one quick request, not MLflow's minutes of
     retries). An unreachable Optuna storage fails next, when it is opened, before any write."""
     from workbench.tracking import probe_store
-    from workbench.tuning.runner import resolve_target
+    from workbench.tuning.launch import resolve_target
     from workbench.tuning.spec import check_ranges
 
     check_ranges(spec, source=str(spec_path))
@@ -129,8 +154,8 @@ def _preflight(spec: Any, spec_path: Path, storage: str | None) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from workbench.tracking import TrackingError
+    from workbench.tuning.launch import run_study
     from workbench.tuning.objective import StudyError
-    from workbench.tuning.runner import run_study
 
     spec = _load(args.spec, args.tracking_uri)
     if args.report:
@@ -174,6 +199,7 @@ def cmd_study_report(args: argparse.Namespace) -> int:
     import optuna
 
     from workbench.tracking import redact
+    from workbench.tuning.launch import resolve_target
     from workbench.tuning.spec import parse_spec
     from workbench.tuning.study import SPEC_ATTR, make_storage
 
@@ -201,8 +227,6 @@ def cmd_study_report(args: argparse.Namespace) -> int:
     spec = parse_spec(text, source=f"spec stored with study {name!r}")
     if args.storage:
         spec = dataclasses.replace(spec, storage=args.storage)
-    from workbench.tuning.runner import resolve_target
-
     return _finish(study, spec, resolve_target(spec, url), args, codes=[0])
 
 
@@ -217,7 +241,7 @@ def _finish(
 ) -> int:
     """Report (files + terminal), then export and re-check if asked; a JSON line last.
     ``written``: the report folder the run just wrote and logged (not written twice)."""
-    from workbench.tuning import export, report, runs
+    from workbench.tuning import export, report, run_tree
     from workbench.tuning.study import PARENT_ATTR
 
     out_dir = written or report.write_report(
@@ -226,7 +250,7 @@ def _finish(
     report.print_report(study, spec, top=args.top, console=_console())
     parent_id = study.user_attrs.get(PARENT_ATTR)
     parent = (
-        runs.ParentRun(target.tracking_uri, parent_id)
+        run_tree.ParentRun(target.tracking_uri, parent_id)
         if target.tracking_uri and parent_id
         else None
     )
@@ -292,3 +316,29 @@ def _print_recheck(rows: list[dict[str, Any]]) -> None:
             ",".join(map(str, r["recheck_seeds"])),
         )
     _console().print(t)
+
+
+# ------------------------------------------------------------------------------ tune-bench
+
+
+def cmd_tune_bench(args: argparse.Namespace) -> int:
+    from workbench.tuning.study_bench import BenchSettings, run_bench
+
+    for key in ("trials", "steps", "eval_every", "eval_episodes"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')}={getattr(args, key)}: must be >= 1")
+    settings = BenchSettings(
+        spec=args.spec,
+        trials=args.trials,
+        steps=args.steps,
+        eval_every=args.eval_every,
+        eval_episodes=args.eval_episodes,
+        sampler_seed=args.sampler_seed,
+        pruner=args.pruner,
+        pruner_args=json.loads(args.pruner_args) if args.pruner_args is not None else None,
+        scaling_trials=args.scaling_trials,
+        skip_scaling=args.skip_scaling,
+        dir=args.dir,
+    )
+    print(json.dumps(run_bench(settings), indent=2))
+    return 0

@@ -1,0 +1,53 @@
+"""``workbench ablate SPEC``: run an ablation spec (variants x seeds) and report.
+
+Exit 2 for a bad spec or an unreachable tracking store, 1 when a run failed, else 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ablate", help="run an ablation spec (variants x seeds) and report")
+    p.add_argument("spec", type=Path, help="ablation spec YAML, e.g. studies/ablations/tau.yaml")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="report folder (default mlruns/ablations/<name>)"
+    )
+    p.add_argument("--report-only", action="store_true", help="report on finished runs only")
+    p.set_defaults(handler=cmd_ablate)
+
+
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from workbench import ablation
+    from workbench.specfile import SpecError
+    from workbench.tracking import TrackingError
+
+    try:
+        spec = ablation.load_spec(args.spec)
+    except SpecError as err:
+        print(f"workbench: {err}", file=sys.stderr)
+        return 2
+    try:
+        result = ablation.run_ablation(
+            spec, workers=args.workers, out_dir=args.out, run=not args.report_only
+        )
+    except TrackingError as err:
+        print(f"workbench: {err}", file=sys.stderr)
+        return 2
+    console = Console()
+    if not console.is_terminal:
+        console.width = 180
+    ablation.print_table(result, result.rows, console)
+    console.print(
+        f"ran {result.ran}, reused {result.skipped} finished run(s), {len(result.failed)} failed; "
+        f"report: {result.files.get('markdown')}; parent run: {result.parent_run_id}"
+    )
+    for job in result.failed:
+        console.print(f"  failed: {job.variant} seed {job.seed}")
+    return 1 if result.failed else 0
