@@ -40,6 +40,7 @@ from workbench.exploration import Explorer
 from workbench.policy import ARTIFACT_DIR, save_policy
 from workbench.replay import make_replay_buffer
 from workbench.tracking import NullTracker, Tracker, git_info, make_tracker
+from workbench.tracking.status import StopRun
 
 log = logging.getLogger(__name__)
 
@@ -50,15 +51,6 @@ class Hook(Protocol):
     """Called after every evaluation; raise StopRun to end the run early (e.g. pruning)."""
 
     def on_evaluation(self, step: int, metrics: Mapping[str, float], agent: DDPG) -> None: ...
-
-
-class StopRun(Exception):
-    """Raised by a hook to stop training; the run ends with ``status`` and the reason."""
-
-    def __init__(self, reason: str, status: str = "KILLED"):
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
 
 
 class DivergenceError(RuntimeError):
