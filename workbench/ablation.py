@@ -38,14 +38,19 @@ from workbench.tracking import (
     resolve_uri,
     search_runs,
 )
+from workbench.tracking.tags import (
+    ABLATION_TAG,
+    CONFIG_HASH_TAG,
+    DESCRIPTION_TAG,
+    ROLE_TAG,
+    SEED_TAG,
+    VARIANT_TAG,
+)
 
 log = logging.getLogger(__name__)
 
 SCORE_METRIC = "eval/final_return_mean"
 CURVE_METRIC = "eval/return_mean"
-ABLATION_TAG = "workbench.ablation"
-VARIANT_TAG = "workbench.variant"
-ROLE_TAG = "workbench.role"
 _SPEC_KEYS = {"name", "description", "base", "baseline", "variants", "seeds", "steps", "tracking"}
 _TRACKING_KEYS = {"experiment", "uri", "dir"}
 
@@ -259,7 +264,7 @@ def _unfinished_children(uri: str, spec: AblationSpec) -> dict[tuple[str | None,
 
 
 def _key(run: RunRecord) -> tuple[str | None, str | None]:
-    return run.tags.get("workbench.config_hash"), run.tags.get("workbench.seed")
+    return run.tags.get(CONFIG_HASH_TAG), run.tags.get(SEED_TAG)
 
 
 def _parent_run(uri: str, spec: AblationSpec) -> RunRecord | None:
@@ -307,7 +312,7 @@ def run_ablation(
         tags={
             ABLATION_TAG: spec.name,
             ROLE_TAG: "parent",
-            "workbench.description": spec.description,
+            DESCRIPTION_TAG: spec.description,
         },
     )
     try:
@@ -363,7 +368,7 @@ def _collect(uri: str, spec: AblationSpec, jobs: Sequence[Job]) -> AblationResul
     curves = {}
     for variant, runs in by_variant.items():
         # one run per seed: the latest, if a seed was (re)run more than once
-        latest = {r.tags.get("workbench.seed"): r for r in runs}
+        latest = {r.tags.get(SEED_TAG): r for r in runs}
         scores[variant] = [r.metrics[SCORE_METRIC] for r in latest.values()]
         histories = [dict(metric_history(uri, r.run_id, CURVE_METRIC)) for r in latest.values()]
         steps = sorted({s for h in histories for s in h})

@@ -47,6 +47,7 @@ def _train_task(raw: Any) -> None:
     from workbench.checkpoint import CheckpointError, prepare_resume
     from workbench.config import ConfigError, to_config, validate
     from workbench.tracking import TrackingError
+    from workbench.tracking.tags import OVERRIDES_TAG, SWEEP_JOB_TAG, SWEEP_TAG
     from workbench.train import Interrupted, train
 
     hc = HydraConfig.get()
@@ -61,10 +62,10 @@ def _train_task(raw: Any) -> None:
         raise SystemExit(2) from None
 
     # a resumed run keeps the overrides it was started with
-    tags = {} if state else {"workbench.overrides": " ".join(hc.overrides.task) or "(none)"}
+    tags = {} if state else {OVERRIDES_TAG: " ".join(hc.overrides.task) or "(none)"}
     if str(hc.mode) == "RunMode.MULTIRUN":
-        tags["workbench.sweep"] = str(hc.sweep.dir)
-        tags["workbench.sweep_job"] = str(hc.job.num)
+        tags[SWEEP_TAG] = str(hc.sweep.dir)
+        tags[SWEEP_JOB_TAG] = str(hc.job.num)
     try:
         result = train(cfg, tags=tags, resume_state=state, handle_signals=True)
     except (TrackingError, CheckpointError) as err:
@@ -190,11 +191,12 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
 def _learning_check_job(overrides: list[str]) -> dict[str, Any]:
     from workbench.config import compose
+    from workbench.tracking.tags import CHECK_TAG
     from workbench.train import train
 
     _setup_logging()  # spawned workers start with logging unconfigured
     cfg = compose(overrides)
-    result = train(cfg, tags={"workbench.check": "learning"})
+    result = train(cfg, tags={CHECK_TAG: "learning"})
     return {
         "seed": cfg.seed,
         "final_return_mean": round(result.final_return_mean, 2),

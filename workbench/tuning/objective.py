@@ -26,6 +26,15 @@ from optuna.trial import TrialState
 
 from workbench.config import Config, ConfigError, compose, config_hash, flatten, to_dict
 from workbench.tracking import NullTracker, Tracker, TrackingError, make_tracker, redact
+from workbench.tracking.tags import (
+    CONFIG_HASH_TAG,
+    OVERRIDES_TAG,
+    ROLE_TAG,
+    SAMPLED_TAG,
+    STUDY_TAG,
+    TRIAL_STATE_TAG,
+    TRIAL_TAG,
+)
 from workbench.train import DivergenceError, StopRun, train
 from workbench.tuning import runs
 from workbench.tuning.spec import StudySpec, sample, to_overrides
@@ -207,7 +216,7 @@ class Objective:
                 col = [c[j] for c in curves if j < len(c)]
                 tracker.log_metrics({obj.metric: aggregate(col, obj.aggregate)}, step)
             tracker.log_metrics({"trial/score": value}, env_steps)
-            tracker.set_tags({runs.STATE_TAG: "complete"})
+            tracker.set_tags({TRIAL_STATE_TAG: "complete"})
             tracker.end("FINISHED")
             self.consecutive_errors = 0
             return value
@@ -216,11 +225,11 @@ class Objective:
             self.consecutive_errors = 0
             trial.set_user_attr(ENV_STEPS, env_steps)
             trial.set_user_attr(PRUNE_REASON, stop.reason)
-            tracker.set_tags({runs.STATE_TAG: "pruned"})
+            tracker.set_tags({TRIAL_STATE_TAG: "pruned"})
             tracker.end("KILLED", stop.reason)
             raise optuna.TrialPruned(stop.reason) from None
         except KeyboardInterrupt:
-            tracker.set_tags({runs.STATE_TAG: "interrupted"})
+            tracker.set_tags({TRIAL_STATE_TAG: "interrupted"})
             tracker.end("KILLED", "interrupted")
             raise
         except TrackingError:
@@ -232,7 +241,7 @@ class Objective:
             if isinstance(err, ConfigError):
                 reason = redact(" ".join(str(err).split()))[:1000]
             trial.set_user_attr(ENV_STEPS, env_steps)
-            tracker.set_tags({runs.STATE_TAG: "failed"})
+            tracker.set_tags({TRIAL_STATE_TAG: "failed"})
             tracker.end("FAILED", reason)
             if isinstance(err, VERDICTS):
                 self.consecutive_errors = 0
@@ -251,12 +260,12 @@ class Objective:
         params = {k: v for k, v in flatten(to_dict(cfg)).items() if k != "seed"}
         params["trial.seeds"] = ",".join(map(str, self.spec.objective.seeds))
         tags = {
-            runs.STUDY_TAG: self.spec.name,
-            runs.TRIAL_TAG: str(trial.number),
-            runs.STATE_TAG: "running",
-            runs.ROLE_TAG: "trial",
-            "workbench.config_hash": config_hash(cfg),
-            "workbench.sampled": " ".join(sampled) or "(none)",
+            STUDY_TAG: self.spec.name,
+            TRIAL_TAG: str(trial.number),
+            TRIAL_STATE_TAG: "running",
+            ROLE_TAG: "trial",
+            CONFIG_HASH_TAG: config_hash(cfg),
+            SAMPLED_TAG: " ".join(sampled) or "(none)",
         }
         return runs.start_trial_run(
             cfg.tracking,
@@ -268,8 +277,8 @@ class Objective:
 
     def _seed_tags(self, trial: optuna.Trial, sampled: Sequence[str]) -> dict[str, str]:
         return {
-            runs.STUDY_TAG: self.spec.name,
-            runs.TRIAL_TAG: str(trial.number),
-            runs.ROLE_TAG: "seed",
-            "workbench.overrides": " ".join([*self.spec.base(), *sampled]),
+            STUDY_TAG: self.spec.name,
+            TRIAL_TAG: str(trial.number),
+            ROLE_TAG: "seed",
+            OVERRIDES_TAG: " ".join([*self.spec.base(), *sampled]),
         }

@@ -23,6 +23,7 @@ from optuna.trial import FrozenTrial, TrialState
 from workbench import parallel
 from workbench.config import compose, flatten, to_dict
 from workbench.tracking import redact, resolve_uri
+from workbench.tracking.tags import BEST_TRIAL_TAG, ROLE_TAG, STORAGE_TAG, STUDY_TAG
 from workbench.tuning import runs
 from workbench.tuning.objective import (
     MAX_CONSECUTIVE_ERRORS,
@@ -290,9 +291,9 @@ def run_study(
             existing=study.user_attrs.get(PARENT_ATTR),
             params=_spec_params(spec),
             tags={
-                runs.STUDY_TAG: spec.name,
-                runs.ROLE_TAG: "study",
-                "workbench.storage": redact(target.storage_url),
+                STUDY_TAG: spec.name,
+                ROLE_TAG: "study",
+                STORAGE_TAG: redact(target.storage_url),
             },
             spec_text=spec.text,
         )
@@ -336,7 +337,7 @@ def run_study(
             summary = report.summarize(study, spec)
             if summary["best_value"] is not None:
                 parent.log_metrics({"study/final_best_value": summary["best_value"]}, 0)
-            parent.set_tags({"workbench.best_trial": str(summary["best_trial"])})
+            parent.set_tags({BEST_TRIAL_TAG: str(summary["best_trial"])})
         except Exception as err:
             log.warning("could not log the study report: %s", err)
         done = progress(study)[0]

@@ -28,13 +28,10 @@ from workbench.tracking import (
     make_tracker,
     redact,
 )
+from workbench.tracking.tags import ROLE_TAG, STUDY_TAG, TRIAL_TAG
+from workbench.tracking.tags import TRIAL_STATE_TAG as STATE_TAG
 
 log = logging.getLogger(__name__)
-
-STUDY_TAG = "workbench.study"
-TRIAL_TAG = "workbench.trial"
-STATE_TAG = "workbench.trial_state"
-ROLE_TAG = "workbench.role"
 
 
 def trial_run_name(number: int) -> str:
