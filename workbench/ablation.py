@@ -33,6 +33,7 @@ from workbench.tracking import (
     MlflowTracker,
     RunRecord,
     TrackingError,
+    ends_run,
     metric_history,
     probe_store,
     resolve_uri,
@@ -315,7 +316,7 @@ def run_ablation(
             DESCRIPTION_TAG: spec.description,
         },
     )
-    try:
+    with ends_run(parent, reason=_parent_reason) as ending:
         if spec.path is not None:
             parent.log_artifact(spec.path, "spec")
         jobs = plan(spec)
@@ -345,15 +346,14 @@ def run_ablation(
         result.parent_run_id = parent.run_id
         result.ran, result.skipped, result.failed = len(todo), len(jobs) - len(todo), failed
         _report(result, parent, out_dir or Path(spec.tracking_dir) / "ablations" / spec.name)
-    except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        parent.end(status, f"{type(err).__name__}: {err}")
-        raise
-    if failed:
-        parent.end("FAILED", f"{len(failed)} of {len(todo)} runs failed; re-run to redo them")
-    else:
-        parent.end("FINISHED")
+        if failed:
+            ending.set("FAILED", f"{len(failed)} of {len(todo)} runs failed; re-run to redo them")
     return result
+
+
+def _parent_reason(err: BaseException) -> str:
+    """Why the parent run ended early, Ctrl-C included: the exception, named by its type."""
+    return f"{type(err).__name__}: {err}"
 
 
 def _collect(uri: str, spec: AblationSpec, jobs: Sequence[Job]) -> AblationResult:

@@ -5,7 +5,7 @@ Everything else hands a ``Tracker`` plain ``dict[str, float]`` at an env step.
     store     where the store is, probes that fail fast, the store lock, ``_client``
     redact    credentials out of anything printed, logged or stored
     tags      every tag name, defined once; the git tags of a run
-    status    run statuses, ``StopRun``
+    status    run statuses, ``StopRun``, and ``ends_run``: end a run by how its block ended
     writer    ``Tracker``, ``NullTracker``, ``MlflowTracker`` (batched metrics, exit hooks),
               ``RunHandle`` (runs this process did not start), ``make_tracker``
     queries   ``search_runs``, ``metric_history``, ``download_artifacts``
@@ -13,7 +13,7 @@ Everything else hands a ``Tracker`` plain ``dict[str, float]`` at an env step.
 
 from workbench.tracking.queries import RunRecord, download_artifacts, metric_history, search_runs
 from workbench.tracking.redact import _one_line, redact
-from workbench.tracking.status import STATUSES, StopRun, _check_status
+from workbench.tracking.status import STATUSES, Ending, StopRun, _check_status, ends_run
 from workbench.tracking.store import (
     LOCK_TIMEOUT_S,
     PROBE_TIMEOUT_S,
@@ -56,6 +56,7 @@ __all__ = [
     "PROBE_TIMEOUT_S",
     "REASON_TAG",
     "STATUSES",
+    "Ending",
     "MlflowTracker",
     "NullTracker",
     "RunHandle",
@@ -71,6 +72,7 @@ __all__ = [
     "download_artifacts",
     "driver_url",
     "embedded_uri",
+    "ends_run",
     "git_info",
     "make_tracker",
     "metric_history",
