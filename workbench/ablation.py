@@ -27,10 +27,10 @@ from rich.table import Table
 
 from workbench import stats
 from workbench.checkpoint import CheckpointError, prepare_resume
-from workbench.config import ConfigError, compose, config_hash
+from workbench.config import ConfigError, TrackingConfig, compose, config_hash
 from workbench.specfile import SpecError, check_keys, compose_error_text, load_yaml
 from workbench.tracking import (
-    MlflowTracker,
+    ParentRun,
     RunRecord,
     TrackingError,
     ends_run,
@@ -302,19 +302,12 @@ def run_ablation(
     # One quick request first: MLflow's own client retries an unreachable server for minutes.
     probe_store(uri, spec.experiment)
     existing = _parent_run(uri, spec)
-    parent = MlflowTracker(
-        uri=uri,
-        experiment=spec.experiment,
+    parent = ParentRun.open(
+        TrackingConfig(uri=spec.tracking_uri, dir=spec.tracking_dir, experiment=spec.experiment),
         run_name=f"ablation-{spec.name}",
-        resume_run_id=existing.run_id if existing else None,
-    )
-    parent.start(
+        existing=existing.run_id if existing else None,
         params=spec.as_params(),
-        tags={
-            ABLATION_TAG: spec.name,
-            ROLE_TAG: "parent",
-            DESCRIPTION_TAG: spec.description,
-        },
+        tags={ABLATION_TAG: spec.name, ROLE_TAG: "parent", DESCRIPTION_TAG: spec.description},
     )
     with ends_run(parent, reason=_parent_reason) as ending:
         if spec.path is not None:
@@ -477,7 +470,7 @@ def _print_table(result: AblationResult, rows: list[dict[str, Any]], console: Co
     console.print(table)
 
 
-def _report(result: AblationResult, parent: MlflowTracker, out_dir: Path) -> None:
+def _report(result: AblationResult, parent: ParentRun, out_dir: Path) -> None:
     from workbench import plots
 
     rows = _rows(result)
@@ -511,7 +504,6 @@ def _report(result: AblationResult, parent: MlflowTracker, out_dir: Path) -> Non
     parent.log_metrics(
         {f"iqm/{r['variant']}": r["iqm"] for r in rows if math.isfinite(r["iqm"])}, step=0
     )
-    parent.flush()
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:

@@ -8,9 +8,11 @@ Everything else hands a ``Tracker`` plain ``dict[str, float]`` at an env step.
     status    run statuses, ``StopRun``, and ``ends_run``: end a run by how its block ended
     writer    ``Tracker``, ``NullTracker``, ``MlflowTracker`` (batched metrics, exit hooks),
               ``RunHandle`` (runs this process did not start), ``make_tracker``
+    parent    ``ParentRun``: the parent run of a study or an ablation, created or reopened
     queries   ``search_runs``, ``metric_history``, ``download_artifacts``
 """
 
+from workbench.tracking.parent import ParentRun
 from workbench.tracking.queries import RunRecord, download_artifacts, metric_history, search_runs
 from workbench.tracking.redact import _one_line, redact
 from workbench.tracking.status import STATUSES, Ending, StopRun, _check_status, ends_run
@@ -59,6 +61,7 @@ __all__ = [
     "Ending",
     "MlflowTracker",
     "NullTracker",
+    "ParentRun",
     "RunHandle",
     "RunRecord",
     "StopRun",

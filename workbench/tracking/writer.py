@@ -671,9 +671,10 @@ class MlflowTracker:
 
 
 class RunHandle:
-    """Writes to a run this process did not start: a study's parent run from its workers, or
-    the runs of a worker that died. Each call goes to the store at once (no writer thread)
-    and never raises on store errors: these are summaries and clean-ups, not the record."""
+    """Writes to a run this process did not start: a study's parent run from its workers, a
+    reopened parent run, or the runs of a worker that died. Each call goes to the store at
+    once (no writer thread). Metrics, tags and ends never raise on store errors (these are
+    summaries and clean-ups, not the record); artifacts raise TrackingError."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
@@ -684,6 +685,14 @@ class RunHandle:
             fn(*args)  # a store error must not stop a study for a summary
         except Exception as err:
             log.warning("could not %s run %s: %s", what, self.run_id, _one_line(err))
+
+    def _must(self, what: str, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as err:
+            raise TrackingError(
+                f"{what} for run {self.run_id} at {redact(self.uri)} failed: {_one_line(err)}"
+            ) from err
 
     def reopen(self, reason: str) -> bool:
         """Mark the run RUNNING again; False if the store has no such (active) run."""
@@ -697,6 +706,18 @@ class RunHandle:
         self._client.set_tag(self.run_id, REASON_TAG, reason)
         return True
 
+    def add_params(self, params: Mapping[str, Any]) -> None:
+        """Log the params the run does not have yet (MLflow params cannot change)."""
+
+        def add() -> None:
+            have = self._client.get_run(self.run_id).data.params
+            for chunk in _param_batches(params):
+                new = [p for p in chunk if p.key not in have]
+                if new:
+                    self._client.log_batch(self.run_id, params=new, synchronous=True)
+
+        self._try("log params to", add)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -707,8 +728,28 @@ class RunHandle:
             lambda: self._client.log_batch(self.run_id, metrics=points, synchronous=True),
         )
 
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self._must(
+            f"logging {local_path}",
+            self._client.log_artifact,
+            self.run_id,
+            str(local_path),
+            artifact_path,
+        )
+
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        self._must(
+            f"logging {local_dir}",
+            self._client.log_artifacts,
+            self.run_id,
+            str(local_dir),
+            artifact_path,
+        )
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._must(
+            f"logging {artifact_file}", self._client.log_text, self.run_id, text, artifact_file
+        )
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
@@ -737,7 +778,8 @@ class RunHandle:
         _check_status(status)
         try:
             if reason:
-                self._client.set_tag(run_id, REASON_TAG, redact(reason))
+                for key, value in _end_tags(status, redact(reason)).items():
+                    self._client.set_tag(run_id, key, value)
             self._client.set_terminated(run_id, status)
         except Exception as err:
             log.warning("could not end run %s: %s", run_id, _one_line(err))

@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from workbench import parallel
 from workbench.config import compose, flatten, to_dict
-from workbench.tracking import ends_run, redact, resolve_uri
+from workbench.tracking import ParentRun, ends_run, redact, resolve_uri
 from workbench.tracking.tags import BEST_TRIAL_TAG, ROLE_TAG, STORAGE_TAG, STUDY_TAG
 from workbench.tuning import runs
 from workbench.tuning.objective import (
@@ -94,7 +94,7 @@ class StudyMetrics:
     """After each trial: study-level points on the parent run, stepped by trial number (so
     each point has exactly one writer), and one log line."""
 
-    def __init__(self, parent: runs.ParentRun | None, direction: str):
+    def __init__(self, parent: ParentRun | None, direction: str):
         self.parent, self.maximize = parent, direction == "maximize"
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -284,10 +284,9 @@ def run_study(
     if target.tracking_uri is not None:
         cfg = compose([*spec.base(), *spec.run_overrides()])
         tracking = dataclasses.replace(cfg.tracking, experiment=spec.experiment_name)
-        parent = runs.ParentRun.open(
+        parent = ParentRun.open(
             tracking,
-            target.tracking_uri,
-            name=spec.name,
+            run_name=f"study-{spec.name}",
             existing=study.user_attrs.get(PARENT_ATTR),
             params=_spec_params(spec),
             tags={
@@ -295,7 +294,7 @@ def run_study(
                 ROLE_TAG: "study",
                 STORAGE_TAG: redact(target.storage_url),
             },
-            spec_text=spec.text,
+            texts={"study.yaml": spec.text},
         )
         if study.user_attrs.get(PARENT_ATTR) != parent.run_id:
             study.set_user_attr(PARENT_ATTR, parent.run_id)
