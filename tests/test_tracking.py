@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
 import subprocess
@@ -25,10 +26,12 @@ from workbench.tracking import (
     REASON_TAG,
     MlflowTracker,
     NullTracker,
+    StopRun,
     Tracker,
     TrackingError,
     download_artifacts,
     embedded_uri,
+    ends_run,
     git_info,
     make_tracker,
     redact,
@@ -199,6 +202,76 @@ def test_null_tracker_keeps_everything_in_memory(tmp_path):
         t.log_metrics({"bad key!": 1.0}, step=0)
     with pytest.raises(ValueError, match="status"):
         t.end("DONE")
+
+
+# ----------------------------------------------------------------------------- ends_run
+
+
+class _Stopped(KeyboardInterrupt):
+    def __init__(self, reason):
+        super().__init__(reason)
+        self.reason = reason
+
+
+@pytest.mark.parametrize(
+    ("error", "status", "reason"),
+    [
+        (None, "FINISHED", None),
+        (KeyboardInterrupt(), "KILLED", "interrupted"),
+        (_Stopped("checkpoint written at step 200"), "KILLED", "checkpoint written at step 200"),
+        (StopRun("pruned at step 300"), "KILLED", "pruned at step 300"),
+        (StopRun("enough", status="FINISHED"), "FINISHED", "enough"),
+        (RuntimeError("simulator crashed"), "FAILED", "RuntimeError: simulator crashed"),
+    ],
+)
+def test_ends_run_ends_by_how_the_block_ended_and_re_raises(error, status, reason):
+    t = NullTracker()
+    with contextlib.suppress(BaseException), ends_run(t):
+        if error is not None:
+            raise error
+    assert (t.status, t.reason) == (status, reason)
+    if error is not None:
+        with pytest.raises(type(error)), ends_run(NullTracker()):
+            raise error
+
+
+def test_ends_run_lets_the_caller_choose_reason_tags_and_the_normal_ending():
+    def reason(err):
+        return None if isinstance(err, KeyboardInterrupt) else f"short: {str(err)[:5]}"
+
+    def tags(ending):
+        return {"state": "failed" if ending.error else ending.status.lower()}
+
+    t = NullTracker()
+    with pytest.raises(ValueError), ends_run(t, reason=reason, tags=tags):
+        raise ValueError("a long message")
+    assert (t.status, t.reason, t.tags["state"]) == ("FAILED", "short: a lon", "failed")
+
+    t = NullTracker()
+    with pytest.raises(KeyboardInterrupt), ends_run(t, reason=reason):
+        raise KeyboardInterrupt
+    assert (t.status, t.reason) == ("KILLED", "interrupted")
+
+    t = NullTracker()
+    with ends_run(t, tags=tags) as ending:
+        ending.set("FAILED", "2 of 4 runs failed")
+    assert (t.status, t.reason, t.tags["state"]) == ("FAILED", "2 of 4 runs failed", "failed")
+    with pytest.raises(ValueError, match="status"), ends_run(NullTracker()) as ending:
+        ending.set("DONE")
+
+    with ends_run(None):  # an untracked study: nothing to end
+        pass
+
+
+def test_ends_run_handles_a_failure_to_tag_like_a_failure_in_the_block():
+    class Broken(NullTracker):
+        def set_tags(self, tags):
+            raise TrackingError("store down")
+
+    t = Broken()
+    with pytest.raises(TrackingError), ends_run(t, tags=lambda e: {"state": "complete"}):
+        pass
+    assert (t.status, t.reason) == ("FAILED", "TrackingError: store down")
 
 
 # ----------------------------------------------------------------------------- mlflow runs

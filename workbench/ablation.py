@@ -25,24 +25,30 @@ from rich.table import Table
 
 from workbench import stats
 from workbench.checkpoint import CheckpointError, prepare_resume
-from workbench.config import ConfigError, compose, config_hash
+from workbench.config import ConfigError, TrackingConfig, compose, config_hash
 from workbench.specfile import Problems, compose_error_text, parse_yaml, read_spec_text
 from workbench.tracking import (
-    MlflowTracker,
+    ParentRun,
     RunRecord,
+    ends_run,
     metric_history,
     probe_store,
     resolve_uri,
     search_runs,
+)
+from workbench.tracking.tags import (
+    ABLATION_TAG,
+    CONFIG_HASH_TAG,
+    DESCRIPTION_TAG,
+    ROLE_TAG,
+    SEED_TAG,
+    VARIANT_TAG,
 )
 
 log = logging.getLogger(__name__)
 
 SCORE_METRIC = "eval/final_return_mean"
 CURVE_METRIC = "eval/return_mean"
-ABLATION_TAG = "workbench.ablation"
-VARIANT_TAG = "workbench.variant"
-ROLE_TAG = "workbench.role"
 _SPEC_KEYS = {"name", "description", "base", "baseline", "variants", "seeds", "steps", "tracking"}
 _TRACKING_KEYS = {"experiment", "uri", "dir"}
 
@@ -267,7 +273,7 @@ def _unfinished_children(uri: str, spec: AblationSpec) -> dict[tuple[str | None,
 
 
 def _key(run: RunRecord) -> tuple[str | None, str | None]:
-    return run.tags.get("workbench.config_hash"), run.tags.get("workbench.seed")
+    return run.tags.get(CONFIG_HASH_TAG), run.tags.get(SEED_TAG)
 
 
 def _parent_run(uri: str, spec: AblationSpec) -> RunRecord | None:
@@ -304,21 +310,14 @@ def run_ablation(
     # One quick request first: MLflow's own client retries an unreachable server for minutes.
     probe_store(uri, spec.experiment)
     existing = _parent_run(uri, spec)
-    parent = MlflowTracker(
-        uri=uri,
-        experiment=spec.experiment,
+    parent = ParentRun.open(
+        TrackingConfig(uri=spec.tracking_uri, dir=spec.tracking_dir, experiment=spec.experiment),
         run_name=f"ablation-{spec.name}",
-        resume_run_id=existing.run_id if existing else None,
-    )
-    parent.start(
+        existing=existing.run_id if existing else None,
         params=spec.as_params(),
-        tags={
-            ABLATION_TAG: spec.name,
-            ROLE_TAG: "parent",
-            "workbench.description": spec.description,
-        },
+        tags={ABLATION_TAG: spec.name, ROLE_TAG: "parent", DESCRIPTION_TAG: spec.description},
     )
-    try:
+    with ends_run(parent, reason=_parent_reason) as ending:
         if spec.path is not None:
             parent.log_artifact(spec.path, "spec")
         jobs = plan(spec)
@@ -348,15 +347,14 @@ def run_ablation(
         result.parent_run_id = parent.run_id
         result.ran, result.skipped, result.failed = len(todo), len(jobs) - len(todo), failed
         _report(result, parent, out_dir or Path(spec.tracking_dir) / "ablations" / spec.name)
-    except BaseException as err:
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
-        parent.end(status, f"{type(err).__name__}: {err}")
-        raise
-    if failed:
-        parent.end("FAILED", f"{len(failed)} of {len(todo)} runs failed; re-run to redo them")
-    else:
-        parent.end("FINISHED")
+        if failed:
+            ending.set("FAILED", f"{len(failed)} of {len(todo)} runs failed; re-run to redo them")
     return result
+
+
+def _parent_reason(err: BaseException) -> str:
+    """Why the parent run ended early, Ctrl-C included: the exception, named by its type."""
+    return f"{type(err).__name__}: {err}"
 
 
 def _collect(uri: str, spec: AblationSpec, jobs: Sequence[Job]) -> AblationResult:
@@ -371,7 +369,7 @@ def _collect(uri: str, spec: AblationSpec, jobs: Sequence[Job]) -> AblationResul
     curves = {}
     for variant, runs in by_variant.items():
         # one run per seed: the latest, if a seed was (re)run more than once
-        latest = {r.tags.get("workbench.seed"): r for r in runs}
+        latest = {r.tags.get(SEED_TAG): r for r in runs}
         scores[variant] = [r.metrics[SCORE_METRIC] for r in latest.values()]
         histories = [dict(metric_history(uri, r.run_id, CURVE_METRIC)) for r in latest.values()]
         steps = sorted({s for h in histories for s in h})
@@ -480,7 +478,7 @@ def print_table(result: AblationResult, rows: list[dict[str, Any]], console: Con
     console.print(table)
 
 
-def _report(result: AblationResult, parent: MlflowTracker, out_dir: Path) -> None:
+def _report(result: AblationResult, parent: ParentRun, out_dir: Path) -> None:
     from workbench import plots
 
     rows = _rows(result)
@@ -514,4 +512,3 @@ def _report(result: AblationResult, parent: MlflowTracker, out_dir: Path) -> Non
     parent.log_metrics(
         {f"iqm/{r['variant']}": r["iqm"] for r in rows if math.isfinite(r["iqm"])}, step=0
     )
-    parent.flush()

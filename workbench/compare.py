@@ -19,6 +19,7 @@ from rich.table import Table
 
 from workbench import stats
 from workbench.tracking import RunRecord, metric_history, search_runs
+from workbench.tracking.tags import CONFIG_HASH_TAG
 
 DEFAULT_METRIC = "eval/final_return_mean"
 CURVE_METRIC = "eval/return_mean"
@@ -29,7 +30,7 @@ _NOISE_PARAMS = {"seed", "tracking.run_name"}
 def group_key(by: str) -> Callable[[RunRecord], str]:
     """'config_hash', 'tag:<name>', 'param:<name>' or 'run' -> a function run -> group name."""
     if by == "config_hash":
-        return lambda r: r.tags.get("workbench.config_hash", "?")
+        return lambda r: r.tags.get(CONFIG_HASH_TAG, "?")
     if by == "run":
         return lambda r: f"{r.run_name} ({r.run_id[:8]})"
     kind, _, name = by.partition(":")

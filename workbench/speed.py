@@ -38,6 +38,7 @@ from workbench.config import Config, compose, to_dict
 from workbench.networks import ACTIVATIONS
 from workbench.replay import CompactReplayBuffer, ReplayBuffer
 from workbench.tracking import Tracker, make_tracker
+from workbench.tracking.tags import BENCH_TAG
 
 # Applied before the user's overrides: the bench measures training, not the progress bar or
 # a video encoder; evaluation still runs as configured at the end (and is reported).
@@ -404,7 +405,7 @@ def _ours_end_to_end(cfg: Config) -> dict[str, Any]:
     inner = make_tracker(cfg.tracking, run_name=run_name(cfg))
     tracker = TimedTracker(inner)
     t0 = time.perf_counter()
-    result = train(cfg, tracker, tags={"workbench.bench": "true"})  # type: ignore[arg-type]
+    result = train(cfg, tracker, tags={BENCH_TAG: "true"})  # type: ignore[arg-type]
     wall = time.perf_counter() - t0
     perf = result.perf
     train_loop = perf["loop_s"] - perf["loop_eval_s"]

@@ -45,7 +45,14 @@ from workbench.exploration import Explorer
 from workbench.policy import ARTIFACT_DIR, policy_spec, save_policy
 from workbench.replay import ReplayBuffer, make_replay_buffer
 from workbench.runstate import RunState
-from workbench.tracking import NullTracker, Tracker, git_info, make_tracker
+from workbench.tracking import Ending, NullTracker, Tracker, ends_run, make_tracker
+from workbench.tracking.status import StopRun
+from workbench.tracking.tags import (
+    CHECKPOINT_DIR_TAG,
+    RESUMED_AT_STEP_TAG,
+    run_name,
+    run_tags,
+)
 
 __all__ = [
     "DivergenceError",
@@ -66,15 +73,6 @@ class Hook(Protocol):
     """Called after every evaluation; raise StopRun to end the run early (e.g. pruning)."""
 
     def on_evaluation(self, step: int, metrics: Mapping[str, float], agent: DDPG) -> None: ...
-
-
-class StopRun(Exception):
-    """Raised by a hook to stop training; the run ends with ``status`` and the reason."""
-
-    def __init__(self, reason: str, status: str = "KILLED"):
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
 
 
 @dataclass
@@ -145,24 +143,6 @@ def build_learner(
         storage=p.replay_storage,
     )
     return agent, buffer
-
-
-def run_name(cfg: Config) -> str:
-    return cfg.tracking.run_name or f"{cfg.agent.name}-{cfg.env.name}-s{cfg.seed}"
-
-
-def run_tags(cfg: Config, device: torch.device, extra: Mapping[str, str] | None) -> dict[str, str]:
-    tags = {
-        "workbench.config_hash": config_hash(cfg),
-        "workbench.seed": str(cfg.seed),
-        "workbench.device": str(device),
-        "workbench.env_id": cfg.env.id,
-        "workbench.agent": cfg.agent.name,
-        **git_info(),
-        **{k: str(v) for k, v in cfg.tracking.tags.items()},
-    }
-    tags.update(extra or {})
-    return tags
 
 
 def train(
@@ -260,8 +240,8 @@ class _Run:
         if resume_state is not None:
             check_compatible(dict(resume_state), header)
             step = str(resume_state["step"])
-            extra_tags = {**(extra_tags or {}), "workbench.resumed_at_step": step}
-        tracker.start(params=flatten(config_tree), tags=run_tags(cfg, device, extra_tags))
+            extra_tags = {**(extra_tags or {}), RESUMED_AT_STEP_TAG: step}
+        tracker.start(params=flatten(config_tree), tags=run_tags(cfg, str(device), extra_tags))
         tracker.log_text(OmegaConf.to_yaml(config_tree), "config.yaml")
         if tracker.run_id is not None:
             log.info("MLflow run %s (%s)", tracker.run_id, "resumed" if resume_state else "new")
@@ -291,43 +271,45 @@ class _Run:
     def train(self, resume_state: Mapping[str, Any] | None, handle_signals: bool) -> RunResult:
         """Build the learner, run the loop, finish; end the tracker's run however it ends."""
         cfg, tracker, result, state = self.cfg, self.tracker, self.result, self.state
-        perf = result.perf
+        ck, perf = cfg.checkpoint, result.perf
         checkpointer: Checkpointer | None = None
+
+        def interrupted(err: BaseException) -> str | None:
+            if not isinstance(err, KeyboardInterrupt):
+                return None  # StopRun's own reason; "ExcType: message" for a failure
+            if checkpointer is None:
+                return f"interrupted at step {state.step}"
+            return checkpointer.interrupted_reason(state.step, err)
+
+        def last_tags(ending: Ending) -> dict[str, str] | None:
+            finished = ending.status == "FINISHED" and not ck.keep_after_finish
+            if finished and self.ckpt_lock.directory.is_dir():
+                return {CHECKPOINT_DIR_TAG: "(deleted: the run finished)"}
+            return None
+
+        ending = Ending()
         try:
-            self._build()
-            interrupts = Interrupts(handle_signals)
-            checkpointer = Checkpointer(
-                cfg.checkpoint,
-                self.ckpt_lock,
-                self.run_key,
-                self.header,
-                interrupts,
-                on_first=lambda d: tracker.set_tags({"workbench.checkpoint_dir": str(d)}),
-                flush=tracker.flush,
-            )
-            obs = self._first_obs(resume_state)
-            t_loop = time.perf_counter()
-            with interrupts:
-                self._loop(obs, checkpointer)
-            perf["loop_s"] = time.perf_counter() - t_loop
-            self._finish()
-        except KeyboardInterrupt as err:
-            reason = checkpointer.interrupted_reason(state.step, err) if checkpointer else None
-            self._end("KILLED", reason or f"interrupted at step {state.step}")
-            raise
-        except StopRun as stop:
-            self._end(stop.status, stop.reason)
-            raise
-        except BaseException as err:
-            self._end("FAILED", f"{type(err).__name__}: {err}")
-            raise
+            with ends_run(tracker, reason=interrupted, tags=last_tags) as ending:
+                self._build()
+                interrupts = Interrupts(handle_signals)
+                checkpointer = Checkpointer(
+                    ck,
+                    self.ckpt_lock,
+                    self.run_key,
+                    self.header,
+                    interrupts,
+                    on_first=lambda d: tracker.set_tags({CHECKPOINT_DIR_TAG: str(d)}),
+                    flush=tracker.flush,
+                )
+                obs = self._first_obs(resume_state)
+                t_loop = time.perf_counter()
+                with interrupts:
+                    self._loop(obs, checkpointer)
+                perf["loop_s"] = time.perf_counter() - t_loop
+                self._finish()
         finally:
-            self._close(checkpointer)
-        result.status = "FINISHED"
-        ck = cfg.checkpoint
-        if not ck.keep_after_finish and self.ckpt_lock.directory.is_dir():
-            tracker.set_tags({"workbench.checkpoint_dir": "(deleted: the run finished)"})
-        tracker.end("FINISHED")
+            result.status, result.reason = ending.status, ending.reason
+            self._close(checkpointer)  # an unfinished run keeps its checkpoints to resume
         if ck.keep_after_finish:
             self.ckpt_lock.release()
         else:
@@ -528,10 +510,6 @@ class _Run:
             tracker.flush()
         perf["final_s"] = time.perf_counter() - t0
 
-    def _end(self, status: str, reason: str) -> None:
-        self.result.status, self.result.reason = status, reason
-        self.tracker.end(status, reason)
-
     def _close(self, checkpointer: Checkpointer | None) -> None:
         result, state, perf = self.result, self.state, self.result.perf
         self.display.close()
@@ -547,8 +525,7 @@ class _Run:
             perf["final_eval_s"] = self.evaluator.seconds["final"]
         if checkpointer is not None and checkpointer.seconds:
             perf["checkpoint_s"] = checkpointer.seconds
-        if result.status != "RUNNING":  # ended early: its checkpoints stay for a resume
-            self.ckpt_lock.release()
+        self.ckpt_lock.release()
 
 
 def _crossed(prev: int, now: int, every: int) -> bool:

@@ -26,11 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _learning_check_job(overrides: list[str]) -> dict[str, Any]:
     from workbench.config import compose
+    from workbench.tracking.tags import CHECK_TAG
     from workbench.train import train
 
     setup_logging()  # spawned workers start with logging unconfigured
     cfg = compose(overrides)
-    result = train(cfg, tags={"workbench.check": "learning"})
+    result = train(cfg, tags={CHECK_TAG: "learning"})
     return {
         "seed": cfg.seed,
         "final_return_mean": round(result.final_return_mean, 2),

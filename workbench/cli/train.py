@@ -28,6 +28,7 @@ def _train_task(raw: Any) -> None:
     from workbench.checkpoint import CheckpointError, prepare_resume
     from workbench.config import ConfigError, to_config, validate
     from workbench.tracking import TrackingError
+    from workbench.tracking.tags import OVERRIDES_TAG, SWEEP_JOB_TAG, SWEEP_TAG
     from workbench.train import Interrupted, train
 
     hc = HydraConfig.get()
@@ -42,10 +43,10 @@ def _train_task(raw: Any) -> None:
         raise SystemExit(2) from None
 
     # a resumed run keeps the overrides it was started with
-    tags = {} if state else {"workbench.overrides": " ".join(hc.overrides.task) or "(none)"}
+    tags = {} if state else {OVERRIDES_TAG: " ".join(hc.overrides.task) or "(none)"}
     if str(hc.mode) == "RunMode.MULTIRUN":
-        tags["workbench.sweep"] = str(hc.sweep.dir)
-        tags["workbench.sweep_job"] = str(hc.job.num)
+        tags[SWEEP_TAG] = str(hc.sweep.dir)
+        tags[SWEEP_JOB_TAG] = str(hc.job.num)
     try:
         result = train(cfg, tags=tags, resume_state=state, handle_signals=True)
     except (TrackingError, CheckpointError) as err:

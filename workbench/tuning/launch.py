@@ -22,7 +22,8 @@ from optuna.trial import FrozenTrial, TrialState
 
 from workbench import parallel
 from workbench.config import compose, flatten, to_dict
-from workbench.tracking import redact, resolve_uri
+from workbench.tracking import ParentRun, ends_run, redact, resolve_uri
+from workbench.tracking.tags import BEST_TRIAL_TAG, ROLE_TAG, STORAGE_TAG, STUDY_TAG
 from workbench.tuning import run_tree as runs
 from workbench.tuning.objective import (
     MAX_CONSECUTIVE_ERRORS,
@@ -93,7 +94,7 @@ class StudyMetrics:
     """After each trial: study-level points on the parent run, stepped by trial number (so
     each point has exactly one writer), and one log line."""
 
-    def __init__(self, parent: runs.ParentRun | None, direction: str):
+    def __init__(self, parent: ParentRun | None, direction: str):
         self.parent, self.maximize = parent, direction == "maximize"
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
@@ -283,18 +284,17 @@ def run_study(
     if target.tracking_uri is not None:
         cfg = compose([*spec.base(), *spec.run_overrides()])
         tracking = dataclasses.replace(cfg.tracking, experiment=spec.experiment_name)
-        parent = runs.ParentRun.open(
+        parent = ParentRun.open(
             tracking,
-            target.tracking_uri,
-            name=spec.name,
+            run_name=f"study-{spec.name}",
             existing=study.user_attrs.get(PARENT_ATTR),
             params=_spec_params(spec),
             tags={
-                runs.STUDY_TAG: spec.name,
-                runs.ROLE_TAG: "study",
-                "workbench.storage": redact(target.storage_url),
+                STUDY_TAG: spec.name,
+                ROLE_TAG: "study",
+                STORAGE_TAG: redact(target.storage_url),
             },
-            spec_text=spec.text,
+            texts={"study.yaml": spec.text},
         )
         if study.user_attrs.get(PARENT_ATTR) != parent.run_id:
             study.set_user_attr(PARENT_ATTR, parent.run_id)
@@ -305,46 +305,40 @@ def run_study(
         )
         for i in range(workers)
     ]
-    try:
+    with ends_run(parent, reason=_parent_reason) as ending:
         if workers == 1:
             codes = [run_worker(contexts[0])]
         else:
             codes = parallel.run_processes(
                 run_worker, [(c,) for c in contexts], name=f"tune-{spec.name}"
             )
-    except BaseException as err:
-        if parent is not None:
-            interrupted = isinstance(err, KeyboardInterrupt)
-            parent.end(
-                "KILLED" if interrupted else "FAILED",
-                "interrupted" if interrupted else str(err)[:500],
-            )
-        raise
-    outcome = Outcome(
-        study, spec, target, parent.run_id if parent else None, codes, time.perf_counter() - t0
-    )
-    try:
-        outcome.report_dir = report.write_report(
-            study, spec, report_dir or report.default_dir(spec, target)
+        outcome = Outcome(
+            study, spec, target, parent.run_id if parent else None, codes, time.perf_counter() - t0
         )
-    except Exception as err:  # the trials are safe in the storage; say so and go on
-        log.warning("could not write the study report: %s", err)
-    if parent is not None:
         try:
-            if outcome.report_dir is not None:
-                parent.log_artifacts(outcome.report_dir, "report")
-            summary = report.summarize(study, spec)
-            if summary["best_value"] is not None:
-                parent.log_metrics({"study/final_best_value": summary["best_value"]}, 0)
-            parent.set_tags({"workbench.best_trial": str(summary["best_trial"])})
-        except Exception as err:
-            log.warning("could not log the study report: %s", err)
-        done = progress(study)[0]
-        bad = [c for c in codes if c != 0]
-        if bad:
-            parent.end("FAILED", f"worker exit codes {codes}")
-        elif n_trials is not None and done < n_trials:
-            parent.end("FINISHED", f"stopped at {done} of {n_trials} trials (timeout)")
-        else:
-            parent.end("FINISHED")
+            outcome.report_dir = report.write_report(
+                study, spec, report_dir or report.default_dir(spec, target)
+            )
+        except Exception as err:  # the trials are safe in the storage; say so and go on
+            log.warning("could not write the study report: %s", err)
+        if parent is not None:
+            try:
+                if outcome.report_dir is not None:
+                    parent.log_artifacts(outcome.report_dir, "report")
+                summary = report.summarize(study, spec)
+                if summary["best_value"] is not None:
+                    parent.log_metrics({"study/final_best_value": summary["best_value"]}, 0)
+                parent.set_tags({BEST_TRIAL_TAG: str(summary["best_trial"])})
+            except Exception as err:
+                log.warning("could not log the study report: %s", err)
+            done = progress(study)[0]
+            if any(c != 0 for c in codes):
+                ending.set("FAILED", f"worker exit codes {codes}")
+            elif n_trials is not None and done < n_trials:
+                ending.set("FINISHED", f"stopped at {done} of {n_trials} trials (timeout)")
     return outcome
+
+
+def _parent_reason(err: BaseException) -> str:
+    """Why the study's parent run ended early: the workers' error, or Ctrl-C."""
+    return "interrupted" if isinstance(err, KeyboardInterrupt) else str(err)[:500]

@@ -26,8 +26,26 @@ from optuna.trial import TrialState
 
 from workbench import stats
 from workbench.config import Config, ConfigError, compose, config_hash, flatten, to_dict
-from workbench.tracking import NullTracker, Tracker, TrackingError, make_tracker, redact
-from workbench.train import DivergenceError, StopRun, train
+from workbench.tracking import (
+    Ending,
+    NullTracker,
+    StopRun,
+    Tracker,
+    TrackingError,
+    ends_run,
+    make_tracker,
+    redact,
+)
+from workbench.tracking.tags import (
+    CONFIG_HASH_TAG,
+    OVERRIDES_TAG,
+    ROLE_TAG,
+    SAMPLED_TAG,
+    STUDY_TAG,
+    TRIAL_STATE_TAG,
+    TRIAL_TAG,
+)
+from workbench.train import DivergenceError, train
 from workbench.tuning import run_tree as runs
 from workbench.tuning.spec import StudySpec, sample, to_overrides
 from workbench.tuning.study import (
@@ -131,6 +149,37 @@ class PruningHook:
 # ----------------------------------------------------------------------------- objective
 
 
+def _failure_reason(err: BaseException) -> str:
+    """One redacted line: a config error says it all; anything else is named by its type."""
+    text = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
+    return redact(" ".join(text.split()))[:1000]
+
+
+def _end_reason(err: BaseException) -> str | None:
+    """The reason a trial run ends with; None keeps ``ends_run``'s (pruning, Ctrl-C)."""
+    if isinstance(err, StopRun | KeyboardInterrupt):
+        return None
+    if isinstance(err, TrackingError):
+        return "the tracking store failed"
+    return _failure_reason(err)
+
+
+def _state_tags(ending: Ending) -> dict[str, str] | None:
+    """The trial run's state tag; none when the store failed (it would fail again)."""
+    err = ending.error
+    if isinstance(err, TrackingError):
+        return None
+    if err is None:
+        state = "complete"
+    elif isinstance(err, StopRun):
+        state = "pruned"
+    elif isinstance(err, KeyboardInterrupt):
+        state = "interrupted"
+    else:
+        state = "failed"
+    return {TRIAL_STATE_TAG: state}
+
+
 class Objective:
     """Callable for ``study.optimize``; one instance per worker process."""
 
@@ -170,36 +219,35 @@ class Objective:
         try:
             cfgs = self.configs(sampled)
             tracker = self._start_trial_run(trial, cfgs[0], sampled)
-            if tracker.run_id is not None:
-                trial.set_user_attr(MLFLOW_RUN, tracker.run_id)
-            curves: list[list[float]] = []
-            steps: list[int] = []
-            scores: list[float] = []
-            for i, cfg in enumerate(cfgs):
-                hook = PruningHook(trial, spec, i, curves, tracker)
-                seed_tracker = make_tracker(
-                    cfg.tracking,
-                    run_name=f"{runs.trial_run_name(trial.number)}-s{cfg.seed}",
-                    parent_run_id=tracker.run_id,
-                )
-                result = train(cfg, seed_tracker, [hook], tags=self._seed_tags(trial, sampled))
-                env_steps += result.steps
-                hook = None
-                curves.append(result.eval_returns)
-                steps = result.eval_steps
-                scores.append(
-                    score_curve(steps, result.eval_returns, obj.score, obj.k, obj.direction)
-                )
-                tracker.log_metrics({"trial/seed_score": scores[-1]}, i)
-            value = aggregate(scores, obj.aggregate)
-            trial.set_user_attr(ENV_STEPS, env_steps)
-            trial.set_user_attr(SEED_SCORES, scores)
-            for j, step in enumerate(steps):
-                col = [c[j] for c in curves if j < len(c)]
-                tracker.log_metrics({obj.metric: aggregate(col, obj.aggregate)}, step)
-            tracker.log_metrics({"trial/score": value}, env_steps)
-            tracker.set_tags({runs.STATE_TAG: "complete"})
-            tracker.end("FINISHED")
+            with ends_run(tracker, reason=_end_reason, tags=_state_tags):
+                if tracker.run_id is not None:
+                    trial.set_user_attr(MLFLOW_RUN, tracker.run_id)
+                curves: list[list[float]] = []
+                steps: list[int] = []
+                scores: list[float] = []
+                for i, cfg in enumerate(cfgs):
+                    hook = PruningHook(trial, spec, i, curves, tracker)
+                    seed_tracker = make_tracker(
+                        cfg.tracking,
+                        run_name=f"{runs.trial_run_name(trial.number)}-s{cfg.seed}",
+                        parent_run_id=tracker.run_id,
+                    )
+                    result = train(cfg, seed_tracker, [hook], tags=self._seed_tags(trial, sampled))
+                    env_steps += result.steps
+                    hook = None
+                    curves.append(result.eval_returns)
+                    steps = result.eval_steps
+                    scores.append(
+                        score_curve(steps, result.eval_returns, obj.score, obj.k, obj.direction)
+                    )
+                    tracker.log_metrics({"trial/seed_score": scores[-1]}, i)
+                value = aggregate(scores, obj.aggregate)
+                trial.set_user_attr(ENV_STEPS, env_steps)
+                trial.set_user_attr(SEED_SCORES, scores)
+                for j, step in enumerate(steps):
+                    col = [c[j] for c in curves if j < len(c)]
+                    tracker.log_metrics({obj.metric: aggregate(col, obj.aggregate)}, step)
+                tracker.log_metrics({"trial/score": value}, env_steps)
             self.consecutive_errors = 0
             return value
         except StopRun as stop:
@@ -207,24 +255,13 @@ class Objective:
             self.consecutive_errors = 0
             trial.set_user_attr(ENV_STEPS, env_steps)
             trial.set_user_attr(PRUNE_REASON, stop.reason)
-            tracker.set_tags({runs.STATE_TAG: "pruned"})
-            tracker.end("KILLED", stop.reason)
             raise optuna.TrialPruned(stop.reason) from None
-        except KeyboardInterrupt:
-            tracker.set_tags({runs.STATE_TAG: "interrupted"})
-            tracker.end("KILLED", "interrupted")
-            raise
         except TrackingError:
-            tracker.end("FAILED", "the tracking store failed")
             raise  # not a verdict on the trial: stop this worker with the message
         except Exception as err:
             env_steps += hook.last_step if hook is not None else 0
-            reason = redact(" ".join(f"{type(err).__name__}: {err}".split()))[:1000]
-            if isinstance(err, ConfigError):
-                reason = redact(" ".join(str(err).split()))[:1000]
+            reason = _failure_reason(err)
             trial.set_user_attr(ENV_STEPS, env_steps)
-            tracker.set_tags({runs.STATE_TAG: "failed"})
-            tracker.end("FAILED", reason)
             if isinstance(err, VERDICTS):
                 self.consecutive_errors = 0
                 trial.set_user_attr(FAIL_REASON, reason)
@@ -242,12 +279,12 @@ class Objective:
         params = {k: v for k, v in flatten(to_dict(cfg)).items() if k != "seed"}
         params["trial.seeds"] = ",".join(map(str, self.spec.objective.seeds))
         tags = {
-            runs.STUDY_TAG: self.spec.name,
-            runs.TRIAL_TAG: str(trial.number),
-            runs.STATE_TAG: "running",
-            runs.ROLE_TAG: "trial",
-            "workbench.config_hash": config_hash(cfg),
-            "workbench.sampled": " ".join(sampled) or "(none)",
+            STUDY_TAG: self.spec.name,
+            TRIAL_TAG: str(trial.number),
+            TRIAL_STATE_TAG: "running",
+            ROLE_TAG: "trial",
+            CONFIG_HASH_TAG: config_hash(cfg),
+            SAMPLED_TAG: " ".join(sampled) or "(none)",
         }
         return runs.start_trial_run(
             cfg.tracking,
@@ -259,8 +296,8 @@ class Objective:
 
     def _seed_tags(self, trial: optuna.Trial, sampled: Sequence[str]) -> dict[str, str]:
         return {
-            runs.STUDY_TAG: self.spec.name,
-            runs.TRIAL_TAG: str(trial.number),
-            runs.ROLE_TAG: "seed",
-            "workbench.overrides": " ".join([*self.spec.base(), *sampled]),
+            STUDY_TAG: self.spec.name,
+            TRIAL_TAG: str(trial.number),
+            ROLE_TAG: "seed",
+            OVERRIDES_TAG: " ".join([*self.spec.base(), *sampled]),
         }

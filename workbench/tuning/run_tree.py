@@ -9,83 +9,32 @@ seed of a trial as a run nested under its trial run.
 
 Several worker processes write to the parent run. Each writes only the metric points stepped
 by the trial numbers it ran, and MLflow appends points, so no two processes write one point.
-Ending and reopening the parent happens in the launcher only.
+Ending and reopening the parent happens in the launcher only. The parent is a
+``workbench.tracking.ParentRun``, as an ablation's is; this module adds what is study-specific.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from workbench.config import TrackingConfig
 from workbench.tracking import (
     MlflowTracker,
+    ParentRun,
     RunHandle,
     Tracker,
-    git_info,
     make_tracker,
-    redact,
 )
+from workbench.tracking.tags import ROLE_TAG, STUDY_TAG, TRIAL_TAG
+from workbench.tracking.tags import TRIAL_STATE_TAG as STATE_TAG
 
 log = logging.getLogger(__name__)
-
-STUDY_TAG = "workbench.study"
-TRIAL_TAG = "workbench.trial"
-STATE_TAG = "workbench.trial_state"
-ROLE_TAG = "workbench.role"
 
 
 def trial_run_name(number: int) -> str:
     return f"trial-{number:04d}"
-
-
-class ParentRun:
-    """The study's parent run: created once, reopened when the study is resumed."""
-
-    def __init__(self, uri: str, run_id: str, tracker: Tracker | None = None):
-        self.uri, self.run_id, self._tracker = uri, run_id, tracker
-        self._handle = RunHandle(uri, run_id)
-
-    @classmethod
-    def open(
-        cls,
-        tracking: TrackingConfig,
-        uri: str,
-        *,
-        name: str,
-        existing: str | None,
-        params: Mapping[str, Any],
-        tags: Mapping[str, str],
-        spec_text: str,
-    ) -> ParentRun:
-        """Reopen ``existing`` (a resumed study) if this store has it, else start a new run."""
-        if existing:
-            if RunHandle(uri, existing).reopen(reason="resumed"):
-                return cls(uri, existing)
-            log.warning("parent run %s is not in %s: starting a new one", existing, redact(uri))
-        tracker = make_tracker(tracking, run_name=f"study-{name}")
-        tracker.start(params=params, tags={**git_info(), **tags})
-        tracker.log_text(spec_text, "study.yaml")
-        assert tracker.run_id is not None
-        return cls(uri, tracker.run_id, tracker)
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        # straight to the store: several workers write this run, none owns it
-        self._handle.log_metrics(metrics, step)
-
-    def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self._handle.log_artifacts(local_dir, artifact_path)
-
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        self._handle.set_tags(tags)
-
-    def end(self, status: str, reason: str | None = None) -> None:
-        if self._tracker is not None:
-            self._tracker.end(status, reason)
-        else:
-            self._handle.end(status, reason)
 
 
 def parent_logger(uri: str, run_id: str) -> ParentRun:

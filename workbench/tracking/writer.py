@@ -1,13 +1,10 @@
-"""The one module that talks to MLflow: store location, experiments, runs, metrics, artifacts.
+"""Writing runs: the ``Tracker`` seam training code talks to, its in-memory and MLflow
+implementations, and ``RunHandle`` for runs this process did not start.
 
-Everything else hands a ``Tracker`` plain ``dict[str, float]`` at an env step. ``MlflowTracker``
-uses ``MlflowClient`` only (the fluent API keeps a thread-local active-run stack, and trials run
-in worker threads and processes), queues metric points that a writer thread sends with
-``log_batch`` (a per-point ``log_metric`` costs ~9 ms on sqlite, and a store outage must not
-stall training), guards the first use of a fresh sqlite db
-with a file lock (concurrent migrations corrupt it, mlflow #4123), probes remote stores before
-starting (MLflow's HTTP retries would otherwise take minutes to give up) and makes sure no run
-is left RUNNING when the process exits.
+``MlflowTracker`` uses ``MlflowClient`` only (the fluent API keeps a thread-local active-run
+stack, and trials run in worker threads and processes), queues metric points that a writer
+thread sends with ``log_batch`` (a per-point ``log_metric`` costs ~9 ms on sqlite, and a store
+outage must not stall training), and makes sure no run is left RUNNING when the process exits.
 """
 
 from __future__ import annotations
@@ -19,199 +16,53 @@ import logging
 import multiprocessing.util
 import os
 import re
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
-from filelock import FileLock
-from filelock import Timeout as FileLockTimeout
+from workbench.tracking.redact import _one_line, redact
+from workbench.tracking.status import _check_status
+from workbench.tracking.store import (
+    TrackingError,
+    _client,
+    _sqlite_path,
+    _store_lock,
+    probe_store,
+    resolve_uri,
+)
+from workbench.tracking.tags import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    GIT_COMMIT_TAG,
+    NOTE_TAG,
+    PARENT_TAG,
+    REASON_TAG,
+    SOURCE_GIT_COMMIT_TAG,
+    SOURCE_NAME_TAG,
+    SOURCE_TYPE_TAG,
+    USER_TAG,
+)
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
-    from mlflow.entities import Metric
+    from mlflow.entities import Metric, Param
     from mlflow.tracking import MlflowClient
 
     from workbench.config import TrackingConfig
 
-__all__ = [
-    "MlflowTracker",
-    "NullTracker",
-    "RunRecord",
-    "Tracker",
-    "TrackingError",
-    "download_artifacts",
-    "embedded_uri",
-    "git_info",
-    "make_tracker",
-    "metric_history",
-    "redact",
-    "resolve_uri",
-    "search_runs",
-]
-
 log = logging.getLogger(__name__)
 
-# First use of a fresh db prints "Creating initial MLflow database tables..." and alembic's
-# migration chatter at INFO; none of it is news to the user.
-for _name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
-    logging.getLogger(_name).setLevel(logging.WARNING)
-
-STATUSES = ("FINISHED", "FAILED", "KILLED")
 MAX_PARAMS_PER_BATCH = 100  # MLflow REST limit (also for tags)
 MAX_METRICS_PER_BATCH = 1000  # MLflow REST limit
 MAX_PARAM_LEN = 6000
 MAX_TAG_LEN = 8000
 MAX_REASON_LEN = 5000
 MAX_KEY_LEN = 250
-PROBE_TIMEOUT_S = 5
-LOCK_TIMEOUT_S = 120.0
 EXIT_REASON = "process exited without ending the run"
-REASON_TAG = "workbench.status_reason"
-NOTE_TAG = "mlflow.note.content"
-PARENT_TAG = "mlflow.parentRunId"
-# MLflow's experiment-kind tag, set on every experiment workbench creates or uses (a kind the
-# user set stays). MLflow 3.17.2's UI does not read it: what an experiment opens on follows the
-# GenAI / Model training toggle, remembered per browser. The tag records the kind for the
-# MLflow UIs and tools that do read it.
-EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
-EXPERIMENT_KIND = "custom_model_development"
-
-
-class TrackingError(RuntimeError):
-    """The tracking store cannot be used; the message says which (redacted) URI and why."""
-
-
-# ----------------------------------------------------------------------------- redaction
-
-_USERINFO = re.compile(r"(?P<head>\b[a-zA-Z][a-zA-Z0-9+.\-]*://[^:/@\s]*):(?P<secret>[^@\s]*)@")
-_SECRET_PARAMS = (
-    "password|passwd|pwd|pass|token|access_token|auth_token|id_token|refresh_token|secret|"
-    "client_secret|api_key|apikey|access_key|secret_key|sig|signature|accountkey|"
-    "x-amz-signature|x-amz-credential|x-amz-security-token"
-)
-_KEY_VALUE = re.compile(
-    rf"(?i)(?<![\w-])(?P<head>(?:{_SECRET_PARAMS})\s*=\s*)(?P<secret>[^&;#\s]+)"
-)
-_SECRET_ENV = re.compile(r"(PASSWORD|PASSWD|TOKEN|SECRET|SECRET_ACCESS_KEY|API_KEY|ACCESS_KEY)$")
-_MIN_SECRET_LEN = 4  # shorter env values would blank out ordinary text
-
-
-def redact(text: str) -> str:
-    """Hide credentials so URIs and config values can be printed and logged as params/tags."""
-    text = _USERINFO.sub(lambda m: f"{m['head']}:***@" if m["secret"] else m[0], text)
-    text = _KEY_VALUE.sub(lambda m: f"{m['head']}***", text)
-    for name, value in os.environ.items():
-        if value and len(value) >= _MIN_SECRET_LEN and _SECRET_ENV.search(name.upper()):
-            text = text.replace(value, "***")
-    return text
-
-
-# ----------------------------------------------------------------------------- store location
-
-
-def embedded_uri(store_dir: str | Path) -> str:
-    """``sqlite:////abs/store_dir/mlflow.db``: absolute, so it means the same from any cwd."""
-    path = Path(store_dir).expanduser().resolve()
-    path.mkdir(parents=True, exist_ok=True)
-    return f"sqlite:///{path / 'mlflow.db'}"
-
-
-def driver_url(url: str) -> str:
-    """``postgresql://`` with the driver we declare: SQLAlchemy 2.1 maps a bare
-    ``postgresql://`` to psycopg 3, while the ``postgres`` extra installs psycopg2."""
-    scheme, sep, rest = url.partition("://")
-    if sep and scheme in ("postgresql", "postgres"):
-        import importlib.util
-
-        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2"):
-            return f"postgresql+psycopg2://{rest}"
-    return url
-
-
-def resolve_uri(uri: str | None, store_dir: str | Path) -> str:
-    """The explicit URI, else ``MLFLOW_TRACKING_URI``, else the embedded store in ``store_dir``."""
-    if uri:
-        return driver_url(uri)
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return driver_url(env) if env else embedded_uri(store_dir)
-
-
-def _sqlite_path(uri: str) -> Path | None:
-    """The db file of a ``sqlite:`` URI; None for other stores and in-memory dbs."""
-    if not uri.startswith("sqlite:"):
-        return None
-    from sqlalchemy.engine import make_url
-
-    database = make_url(uri).database
-    if not database or database == ":memory:" or database.startswith("file:"):
-        return None
-    return Path(database).expanduser().resolve()
-
-
-def make_tracker(
-    cfg: TrackingConfig,
-    *,
-    run_name: str,
-    parent_run_id: str | None = None,
-    resume_run_id: str | None = None,
-) -> Tracker:
-    """The tracker a config asks for; artifacts of a local sqlite store go next to its db.
-
-    ``resume_run_id`` continues that (unfinished) training run instead of creating one.
-    """
-    if cfg.backend == "none":
-        return NullTracker()
-    uri = resolve_uri(cfg.uri, cfg.dir)
-    db = _sqlite_path(uri)
-    return MlflowTracker(
-        uri=uri,
-        experiment=cfg.experiment,
-        run_name=run_name,
-        artifact_root=db.parent / "artifacts" if db is not None else None,
-        parent_run_id=parent_run_id,
-        flush_every_s=cfg.flush_every_s,
-        resume_run_id=resume_run_id,
-        resume_finished=False,
-    )
-
-
-# ----------------------------------------------------------------------------- git
-
-
-def _git(args: list[str], cwd: Path) -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=5, check=True
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout
-
-
-def git_info(path: Path | None = None) -> dict[str, str]:
-    """``git.commit`` and ``git.dirty`` of the code that ran; {} outside a git repository."""
-    candidates = [path] if path is not None else [Path(__file__).resolve().parent, Path.cwd()]
-    for where in candidates:
-        if not where.is_dir():
-            where = where.parent
-        commit = _git(["rev-parse", "HEAD"], where)
-        if not commit:
-            continue
-        status = _git(["status", "--porcelain"], where)
-        return {
-            "git.commit": commit.strip(),
-            "git.dirty": "true" if status is None or status.strip() else "false",
-        }
-    return {}
-
-
-# ----------------------------------------------------------------------------- protocol
 
 
 @runtime_checkable
@@ -237,11 +88,6 @@ class Tracker(Protocol):
     def flush(self) -> None: ...
 
     def end(self, status: str = "FINISHED", reason: str | None = None) -> None: ...
-
-
-def _check_status(status: str) -> None:
-    if status not in STATUSES:
-        raise ValueError(f"run status {status!r}: must be one of {', '.join(STATUSES)}")
 
 
 _KEY_OK = re.compile(r"^[/\w.\- :]*$")
@@ -272,6 +118,21 @@ def _clean_key(key: str) -> str:
 
 def _artifact_name(local_path: Path, artifact_path: str | None) -> str:
     return f"{artifact_path.strip('/')}/{local_path.name}" if artifact_path else local_path.name
+
+
+def _param_batches(params: Mapping[str, Any]) -> list[list[Param]]:
+    """Params as MLflow takes them: clean keys, redacted and bounded values, in batches."""
+    from mlflow.entities import Param
+
+    cleaned = {_clean_key(k): redact(str(v))[:MAX_PARAM_LEN] for k, v in params.items()}
+    items = [Param(k, v) for k, v in cleaned.items()]
+    return [items[i : i + MAX_PARAMS_PER_BATCH] for i in range(0, len(items), MAX_PARAMS_PER_BATCH)]
+
+
+def _end_tags(status: str, reason: str) -> dict[str, str]:
+    """Why a run ended: the reason, and its first line as the run's note in the MLflow UI."""
+    first = reason.strip().splitlines()[0] if reason.strip() else reason
+    return {REASON_TAG: reason[:MAX_REASON_LEN], NOTE_TAG: f"{status}: {first[:300]}"}
 
 
 # ----------------------------------------------------------------------------- null tracker
@@ -338,153 +199,6 @@ class NullTracker:
             self.tags[REASON_TAG] = reason[:MAX_REASON_LEN]
 
 
-# ----------------------------------------------------------------------------- probes
-
-
-def _one_line(err: BaseException) -> str:
-    """The useful part of a driver/HTTP error, on one line (no stack trace)."""
-    seen = {id(err)}
-    while True:  # a driver error wrapped by SQLAlchemy/MLflow says it shortest
-        inner = getattr(err, "orig", None) or err.__cause__
-        if not isinstance(inner, BaseException) or id(inner) in seen:
-            break
-        seen.add(id(inner))
-        err = inner
-    text = str(err) or type(err).__name__
-    for pattern in (
-        r"\[Errno -?\d+\] [^'\"\)\]]+",  # OS-level: connection refused, name not known
-        r"\[SSL[^\]]*\][^()\n]*",  # TLS: certificate verify failed, wrong version
-        r"(?i)connect(?:ion)? timed out|read timed out|timeout expired",
-    ):
-        found = re.search(pattern, text)
-        if found:
-            return found.group(0).strip().rstrip(".,")
-    found = re.search(r"Caused by (\w+)\(", text)
-    if found:
-        return found.group(1)
-    line = " ".join(text.split())
-    return redact(line[:300] + ("..." if len(line) > 300 else ""))
-
-
-def _probe_http(uri: str, experiment: str) -> None:
-    """One request, no retries, short timeout: fail in seconds, not after minutes of backoff."""
-    from mlflow.utils.credentials import get_default_host_creds
-    from mlflow.utils.rest_utils import http_request
-
-    try:
-        resp = http_request(
-            get_default_host_creds(uri),
-            "/api/2.0/mlflow/experiments/get-by-name",
-            "GET",
-            max_retries=0,
-            timeout=PROBE_TIMEOUT_S,
-            raise_on_status=False,
-            params={"experiment_name": experiment or "Default"},
-        )
-    except Exception as err:
-        raise TrackingError(
-            f"cannot reach the MLflow tracking server {redact(uri)}: {_one_line(err)}"
-        ) from None
-    if resp.status_code in (401, 403):
-        raise TrackingError(
-            f"the MLflow tracking server {redact(uri)} refused the credentials "
-            f"(HTTP {resp.status_code}); set MLFLOW_TRACKING_USERNAME/PASSWORD or _TOKEN"
-        )
-    if resp.status_code == 404 and "error_code" not in resp.text:
-        raise TrackingError(
-            f"{redact(uri)} answers but is not an MLflow tracking server "
-            f"(HTTP 404 for the experiments API); check the host, port and path"
-        )
-    if resp.status_code >= 500:
-        raise TrackingError(
-            f"the MLflow tracking server {redact(uri)} is not answering properly "
-            f"(HTTP {resp.status_code} {resp.reason})"
-        )
-
-
-def _probe_database(uri: str) -> None:
-    """Connect once with a short timeout; MLflow's own engine setup retries for ~100 s."""
-    import sqlalchemy
-
-    connect_args: dict[str, Any] = {}
-    if uri.startswith(("postgresql", "mysql")):
-        connect_args["connect_timeout"] = PROBE_TIMEOUT_S
-    elif uri.startswith("mssql"):
-        connect_args["timeout"] = PROBE_TIMEOUT_S
-    try:
-        engine = sqlalchemy.create_engine(uri, connect_args=connect_args)
-    except ModuleNotFoundError as err:
-        raise TrackingError(
-            f"cannot open the MLflow database {redact(uri)}: its driver is not installed "
-            f"({err}); e.g. pip install psycopg2-binary for PostgreSQL, pymysql for MySQL"
-        ) from None
-    except Exception as err:
-        raise TrackingError(
-            f"cannot open the MLflow database {redact(uri)}: {_one_line(err)}"
-        ) from None
-    try:
-        with engine.connect():
-            pass
-    except Exception as err:
-        orig = getattr(err, "orig", None) or err
-        raise TrackingError(
-            f"cannot reach the MLflow database {redact(uri)}: {_one_line(orig)}"
-        ) from None
-    finally:
-        engine.dispose()
-
-
-def probe_store(uri: str, experiment: str) -> None:
-    """Raise TrackingError in seconds if the store at ``uri`` cannot be used.
-
-    One quick request: MLflow's own client retries an unreachable server for minutes.
-    """
-    scheme = urlparse(uri).scheme.lower()
-    if scheme in ("http", "https"):
-        _probe_http(uri, experiment)
-    elif scheme.split("+")[0] in ("postgresql", "postgres", "mysql", "mssql"):
-        _probe_database(uri)
-
-
-@contextlib.contextmanager
-def _store_lock(uri: str):
-    """Serialize first use of a local sqlite db across processes (migrations race)."""
-    db = _sqlite_path(uri)
-    if db is None:
-        yield
-        return
-    lock = FileLock(str(db) + ".lock", timeout=LOCK_TIMEOUT_S)
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        lock.acquire()
-    except FileLockTimeout:
-        raise TrackingError(
-            f"waited {LOCK_TIMEOUT_S:.0f} s for {lock.lock_file} while opening {redact(uri)}; "
-            "is another process stuck creating the store?"
-        ) from None
-    except OSError as err:
-        raise TrackingError(f"cannot open the MLflow store {redact(uri)}: {err}") from None
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _client(uri: str) -> MlflowClient:
-    """An MlflowClient; constructing it opens (and on first use, migrates) the store."""
-    from mlflow.tracking import MlflowClient
-
-    with _store_lock(uri):
-        try:
-            return MlflowClient(tracking_uri=uri)
-        except TrackingError:
-            raise
-        except Exception as err:
-            raise TrackingError(
-                f"cannot open the MLflow store {redact(uri)}: {_one_line(err)}"
-            ) from None
-
-
 # ----------------------------------------------------------------------------- exit hooks
 
 _active: set[MlflowTracker] = set()
@@ -514,18 +228,6 @@ def _install_exit_hooks() -> None:
     _hooks_pid = pid
     atexit.register(_end_abandoned_runs)
     multiprocessing.util.Finalize(None, _end_abandoned_runs, exitpriority=100)
-
-
-def _dispose_engines_after_fork() -> None:
-    """A forked child must not reuse the parent's pooled sqlite/db connections."""
-    store_mod = sys.modules.get("mlflow.store.tracking.sqlalchemy_store")
-    engines = getattr(getattr(store_mod, "SqlAlchemyStore", None), "_engine_map", {})
-    for engine in list(engines.values()):
-        with contextlib.suppress(Exception):
-            engine.dispose(close=False)
-
-
-os.register_at_fork(after_in_child=_dispose_engines_after_fork)
 
 
 # ----------------------------------------------------------------------------- mlflow tracker
@@ -726,27 +428,24 @@ class MlflowTracker:
 
     def _run_tags(self, tags: Mapping[str, str]) -> list[tuple[str, str]]:
         merged: dict[str, str] = {
-            "mlflow.source.type": "LOCAL",
-            "mlflow.source.name": Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "",
+            SOURCE_TYPE_TAG: "LOCAL",
+            SOURCE_NAME_TAG: Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "",
         }
         with contextlib.suppress(Exception):
-            merged["mlflow.user"] = getpass.getuser()
+            merged[USER_TAG] = getpass.getuser()
         merged.update({_clean_key(k): redact(str(v))[:MAX_TAG_LEN] for k, v in tags.items()})
-        if "git.commit" in merged:
-            merged.setdefault("mlflow.source.git.commit", merged["git.commit"])
+        if GIT_COMMIT_TAG in merged:
+            merged.setdefault(SOURCE_GIT_COMMIT_TAG, merged[GIT_COMMIT_TAG])
         if self.parent_run_id:
             merged[PARENT_TAG] = self.parent_run_id
         # parent tag first so it is always in the create_run call
         return sorted(merged.items(), key=lambda kv: kv[0] != PARENT_TAG)
 
     def _log_params_and_tags(self, params: Mapping[str, Any], tags: list[tuple[str, str]]) -> None:
-        from mlflow.entities import Param, RunTag
+        from mlflow.entities import RunTag
 
         assert self._client is not None and self.run_id is not None
-        cleaned = {_clean_key(k): redact(str(v))[:MAX_PARAM_LEN] for k, v in params.items()}
-        items = [Param(k, v) for k, v in cleaned.items()]
-        for i in range(0, len(items), MAX_PARAMS_PER_BATCH):
-            chunk = items[i : i + MAX_PARAMS_PER_BATCH]
+        for chunk in _param_batches(params):
             self._client.log_batch(self.run_id, params=chunk, synchronous=True)
         tag_items = [RunTag(k, v) for k, v in tags]
         for i in range(0, len(tag_items), MAX_PARAMS_PER_BATCH):
@@ -779,13 +478,7 @@ class MlflowTracker:
 
         def terminate() -> None:
             if reason:
-                first = reason.strip().splitlines()[0] if reason.strip() else reason
-                self.set_tags(
-                    {
-                        REASON_TAG: reason[:MAX_REASON_LEN],
-                        NOTE_TAG: f"{status}: {first[:300]}",
-                    }
-                )
+                self.set_tags(_end_tags(status, reason))
             client.set_terminated(run_id, status)
 
         # MLflow retries a dead HTTP server for ~4 minutes per call; bound the wait so exit
@@ -990,13 +683,11 @@ class MlflowTracker:
         return None
 
 
-# ----------------------------------------------------------------------------- download
-
-
 class RunHandle:
-    """Writes to a run this process did not start: a study's parent run from its workers, or
-    the runs of a worker that died. Each call goes to the store at once (no writer thread)
-    and never raises on store errors: these are summaries and clean-ups, not the record."""
+    """Writes to a run this process did not start: a study's parent run from its workers, a
+    reopened parent run, or the runs of a worker that died. Each call goes to the store at
+    once (no writer thread). Metrics, tags and ends never raise on store errors (these are
+    summaries and clean-ups, not the record); artifacts raise TrackingError."""
 
     def __init__(self, uri: str, run_id: str):
         self.uri, self.run_id = uri, run_id
@@ -1007,6 +698,14 @@ class RunHandle:
             fn(*args)  # a store error must not stop a study for a summary
         except Exception as err:
             log.warning("could not %s run %s: %s", what, self.run_id, _one_line(err))
+
+    def _must(self, what: str, fn: Any, *args: Any) -> None:
+        try:
+            fn(*args)
+        except Exception as err:
+            raise TrackingError(
+                f"{what} for run {self.run_id} at {redact(self.uri)} failed: {_one_line(err)}"
+            ) from err
 
     def reopen(self, reason: str) -> bool:
         """Mark the run RUNNING again; False if the store has no such (active) run."""
@@ -1020,6 +719,18 @@ class RunHandle:
         self._client.set_tag(self.run_id, REASON_TAG, reason)
         return True
 
+    def add_params(self, params: Mapping[str, Any]) -> None:
+        """Log the params the run does not have yet (MLflow params cannot change)."""
+
+        def add() -> None:
+            have = self._client.get_run(self.run_id).data.params
+            for chunk in _param_batches(params):
+                new = [p for p in chunk if p.key not in have]
+                if new:
+                    self._client.log_batch(self.run_id, params=new, synchronous=True)
+
+        self._try("log params to", add)
+
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
@@ -1030,8 +741,28 @@ class RunHandle:
             lambda: self._client.log_batch(self.run_id, metrics=points, synchronous=True),
         )
 
+    def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
+        self._must(
+            f"logging {local_path}",
+            self._client.log_artifact,
+            self.run_id,
+            str(local_path),
+            artifact_path,
+        )
+
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self._client.log_artifacts(self.run_id, str(local_dir), artifact_path)
+        self._must(
+            f"logging {local_dir}",
+            self._client.log_artifacts,
+            self.run_id,
+            str(local_dir),
+            artifact_path,
+        )
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._must(
+            f"logging {artifact_file}", self._client.log_text, self.run_id, text, artifact_file
+        )
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
@@ -1060,105 +791,38 @@ class RunHandle:
         _check_status(status)
         try:
             if reason:
-                self._client.set_tag(run_id, REASON_TAG, redact(reason))
+                for key, value in _end_tags(status, redact(reason)).items():
+                    self._client.set_tag(run_id, key, value)
             self._client.set_terminated(run_id, status)
         except Exception as err:
             log.warning("could not end run %s: %s", run_id, _one_line(err))
 
 
-def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
-    """Fetch a run's artifacts (``workbench eval <run-id>``); ValueError if there is no such run
-    or artifact, TrackingError if the store cannot be reached."""
-    from mlflow.exceptions import MlflowException
-
-    db = _sqlite_path(uri)
-    if db is not None and not db.exists():
-        raise ValueError(f"no run {run_id} in {redact(uri)} (the store does not exist)")
-    probe_store(uri, "Default")
-    client = _client(uri)
-    try:
-        client.get_run(run_id)
-    except MlflowException as err:
-        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
-            raise ValueError(f"no run {run_id} in {redact(uri)}") from None
-        raise TrackingError(
-            f"cannot read run {run_id} from {redact(uri)}: {_one_line(err)}"
-        ) from None
-    dst = Path(dst)
-    dst.mkdir(parents=True, exist_ok=True)
-    try:
-        local = client.download_artifacts(run_id, artifact_path, dst_path=str(dst))
-    except (MlflowException, OSError) as err:
-        raise ValueError(
-            f"run {run_id} in {redact(uri)} has no artifact {artifact_path!r} ({_one_line(err)})"
-        ) from None
-    return Path(local)
-
-
-# ----------------------------------------------------------------------------- queries
-
-
-@dataclass
-class RunRecord:
-    """What comparisons need of a run, read once from the store."""
-
-    run_id: str
-    run_name: str
-    experiment_id: str
-    status: str
-    params: dict[str, str]
-    metrics: dict[str, float]  # latest value of each metric
-    tags: dict[str, str]
-
-
-def search_runs(
-    uri: str,
+def make_tracker(
+    cfg: TrackingConfig,
     *,
-    experiments: Sequence[str] = (),
-    filter_string: str = "",
-    run_ids: Sequence[str] = (),
-    max_results: int = 5000,
-) -> list[RunRecord]:
-    """Runs by experiment names (all experiments when none), MLflow filter, or explicit ids."""
-    client = _client(uri)
-    records: list[RunRecord] = []
-    if run_ids:
-        for run_id in run_ids:
-            try:
-                records.append(_record(client.get_run(run_id)))
-            except Exception as err:
-                raise ValueError(f"no run {run_id} in {redact(uri)}: {_one_line(err)}") from None
-        return records
-    if experiments:
-        ids = []
-        for name in experiments:
-            exp = client.get_experiment_by_name(name)
-            if exp is None:
-                known = ", ".join(e.name for e in client.search_experiments()) or "none"
-                raise ValueError(f"no experiment named {name!r} (experiments: {known})")
-            ids.append(exp.experiment_id)
-    else:
-        ids = [e.experiment_id for e in client.search_experiments()]
-    try:
-        runs = client.search_runs(ids, filter_string=filter_string, max_results=max_results)
-    except Exception as err:
-        raise ValueError(f"bad filter {filter_string!r}: {_one_line(err)}") from None
-    return [_record(r) for r in runs]
+    run_name: str,
+    parent_run_id: str | None = None,
+    resume_run_id: str | None = None,
+) -> Tracker:
+    """The tracker a config asks for; artifacts of a local sqlite store go next to its db.
 
-
-def _record(run: Any) -> RunRecord:
-    return RunRecord(
-        run_id=run.info.run_id,
-        run_name=run.info.run_name or "",
-        experiment_id=run.info.experiment_id,
-        status=run.info.status,
-        params=dict(run.data.params),
-        metrics=dict(run.data.metrics),
-        tags=dict(run.data.tags),
+    ``resume_run_id`` continues that (unfinished) training run instead of creating one.
+    """
+    if cfg.backend == "none":
+        return NullTracker()
+    uri = resolve_uri(cfg.uri, cfg.dir)
+    db = _sqlite_path(uri)
+    return MlflowTracker(
+        uri=uri,
+        experiment=cfg.experiment,
+        run_name=run_name,
+        artifact_root=db.parent / "artifacts" if db is not None else None,
+        parent_run_id=parent_run_id,
+        flush_every_s=cfg.flush_every_s,
+        resume_run_id=resume_run_id,
+        resume_finished=False,
     )
 
 
-def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
-    """All points of one metric of a run, as (step, value) sorted by step."""
-    client = _client(uri)
-    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+# ----------------------------------------------------------------------------- protocol

@@ -1,0 +1,99 @@
+"""The one package that talks to MLflow: store location, runs, metrics, artifacts, run trees.
+
+Everything else hands a ``Tracker`` plain ``dict[str, float]`` at an env step.
+
+    store     where the store is, probes that fail fast, the store lock, ``_client``
+    redact    credentials out of anything printed, logged or stored
+    tags      every tag name, defined once; the git tags of a run
+    status    run statuses, ``StopRun``, and ``ends_run``: end a run by how its block ended
+    writer    ``Tracker``, ``NullTracker``, ``MlflowTracker`` (batched metrics, exit hooks),
+              ``RunHandle`` (runs this process did not start), ``make_tracker``
+    parent    ``ParentRun``: the parent run of a study or an ablation, created or reopened
+    queries   ``search_runs``, ``metric_history``, ``download_artifacts``
+"""
+
+from workbench.tracking.parent import ParentRun
+from workbench.tracking.queries import RunRecord, download_artifacts, metric_history, search_runs
+from workbench.tracking.redact import _one_line, redact
+from workbench.tracking.status import STATUSES, Ending, StopRun, _check_status, ends_run
+from workbench.tracking.store import (
+    LOCK_TIMEOUT_S,
+    PROBE_TIMEOUT_S,
+    TrackingError,
+    _client,
+    _sqlite_path,
+    _store_lock,
+    driver_url,
+    embedded_uri,
+    probe_store,
+    resolve_uri,
+)
+from workbench.tracking.tags import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    NOTE_TAG,
+    PARENT_TAG,
+    REASON_TAG,
+    git_info,
+    run_name,
+    run_tags,
+)
+from workbench.tracking.writer import (
+    EXIT_REASON,
+    MAX_KEY_LEN,
+    MAX_METRICS_PER_BATCH,
+    MAX_PARAM_LEN,
+    MAX_PARAMS_PER_BATCH,
+    MAX_REASON_LEN,
+    MAX_TAG_LEN,
+    MlflowTracker,
+    NullTracker,
+    RunHandle,
+    Tracker,
+    make_tracker,
+)
+
+__all__ = [
+    "EXIT_REASON",
+    "EXPERIMENT_KIND",
+    "EXPERIMENT_KIND_TAG",
+    "LOCK_TIMEOUT_S",
+    "MAX_KEY_LEN",
+    "MAX_METRICS_PER_BATCH",
+    "MAX_PARAMS_PER_BATCH",
+    "MAX_PARAM_LEN",
+    "MAX_REASON_LEN",
+    "MAX_TAG_LEN",
+    "NOTE_TAG",
+    "PARENT_TAG",
+    "PROBE_TIMEOUT_S",
+    "REASON_TAG",
+    "STATUSES",
+    "Ending",
+    "MlflowTracker",
+    "NullTracker",
+    "ParentRun",
+    "RunHandle",
+    "RunRecord",
+    "StopRun",
+    "Tracker",
+    "TrackingError",
+    "_check_status",
+    "_client",
+    "_one_line",
+    "_sqlite_path",
+    "_store_lock",
+    "download_artifacts",
+    "driver_url",
+    "embedded_uri",
+    "ends_run",
+    "git_info",
+    "make_tracker",
+    "metric_history",
+    "probe_store",
+    "redact",
+    "resolve_uri",
+    "run_name",
+    "run_tags",
+    "search_runs",
+]

@@ -1,0 +1,106 @@
+"""Reading runs back: search and compare them, fetch a metric's history or a run's artifacts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from workbench.tracking.redact import _one_line, redact
+from workbench.tracking.store import TrackingError, _client, _sqlite_path, probe_store
+
+
+@dataclass
+class RunRecord:
+    """What comparisons need of a run, read once from the store."""
+
+    run_id: str
+    run_name: str
+    experiment_id: str
+    status: str
+    params: dict[str, str]
+    metrics: dict[str, float]  # latest value of each metric
+    tags: dict[str, str]
+
+
+def search_runs(
+    uri: str,
+    *,
+    experiments: Sequence[str] = (),
+    filter_string: str = "",
+    run_ids: Sequence[str] = (),
+    max_results: int = 5000,
+) -> list[RunRecord]:
+    """Runs by experiment names (all experiments when none), MLflow filter, or explicit ids."""
+    client = _client(uri)
+    records: list[RunRecord] = []
+    if run_ids:
+        for run_id in run_ids:
+            try:
+                records.append(_record(client.get_run(run_id)))
+            except Exception as err:
+                raise ValueError(f"no run {run_id} in {redact(uri)}: {_one_line(err)}") from None
+        return records
+    if experiments:
+        ids = []
+        for name in experiments:
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                known = ", ".join(e.name for e in client.search_experiments()) or "none"
+                raise ValueError(f"no experiment named {name!r} (experiments: {known})")
+            ids.append(exp.experiment_id)
+    else:
+        ids = [e.experiment_id for e in client.search_experiments()]
+    try:
+        runs = client.search_runs(ids, filter_string=filter_string, max_results=max_results)
+    except Exception as err:
+        raise ValueError(f"bad filter {filter_string!r}: {_one_line(err)}") from None
+    return [_record(r) for r in runs]
+
+
+def _record(run: Any) -> RunRecord:
+    return RunRecord(
+        run_id=run.info.run_id,
+        run_name=run.info.run_name or "",
+        experiment_id=run.info.experiment_id,
+        status=run.info.status,
+        params=dict(run.data.params),
+        metrics=dict(run.data.metrics),
+        tags=dict(run.data.tags),
+    )
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """All points of one metric of a run, as (step, value) sorted by step."""
+    client = _client(uri)
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
+    """Fetch a run's artifacts (``workbench eval <run-id>``); ValueError if there is no such run
+    or artifact, TrackingError if the store cannot be reached."""
+    from mlflow.exceptions import MlflowException
+
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise ValueError(f"no run {run_id} in {redact(uri)} (the store does not exist)")
+    probe_store(uri, "Default")
+    client = _client(uri)
+    try:
+        client.get_run(run_id)
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise ValueError(f"no run {run_id} in {redact(uri)}") from None
+        raise TrackingError(
+            f"cannot read run {run_id} from {redact(uri)}: {_one_line(err)}"
+        ) from None
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    try:
+        local = client.download_artifacts(run_id, artifact_path, dst_path=str(dst))
+    except (MlflowException, OSError) as err:
+        raise ValueError(
+            f"run {run_id} in {redact(uri)} has no artifact {artifact_path!r} ({_one_line(err)})"
+        ) from None
+    return Path(local)
