@@ -106,3 +106,67 @@ def test_members_act_as_their_own_policies():
 def test_members_must_share_shapes():
     with pytest.raises(ValueError, match=r"agent\.critic_hidden differs"):
         Population(_agents([_cfg(), _cfg(critic_hidden=[8])], [0, 1]))
+
+
+TINY = [
+    "total_steps=1200",
+    "agent.actor_hidden=[16]",
+    "agent.critic_hidden=[16]",
+    "agent.batch_size=32",
+    "eval.every=400",
+    "eval.episodes=2",
+    "eval.video=false",
+    "tracking=none",
+    "progress=false",
+]
+
+
+def test_a_population_member_trains_exactly_as_its_single_run():
+    """Each member (own seed, learning rates, tau, gamma, noise, learning start, delay) ends
+    with the single run's evaluation curve and every episode return, bit for bit (CPU)."""
+    from workbench.config import compose
+    from workbench.train import Member, train, train_population
+
+    values = [
+        ["seed=0", "agent.learning_starts=200"],
+        ["seed=1", "agent.learning_starts=300", "agent.tau=0.05", "agent.actor_lr=3e-4",
+         "noise=ou", "agent.gamma=0.95"],
+        ["seed=2", "agent.learning_starts=100", "agent.target_policy_noise=0.2",
+         "agent.policy_delay=3", "schedule=linear", "schedule.end=0.0", "epsilon.start=0.2"],
+    ]  # fmt: skip
+    configs = [compose([*TINY, *v]) for v in values]
+    alone = [train(cfg) for cfg in configs]
+    together = train_population([Member(cfg) for cfg in configs])
+    for a, p in zip(alone, together, strict=True):
+        assert p.status == "FINISHED" and p.steps == a.steps == 1200
+        assert p.eval_steps == a.eval_steps == [400, 800, 1200]
+        assert p.eval_returns == a.eval_returns
+    assert len({tuple(r.eval_returns) for r in together}) == 3  # the members differ
+
+
+def test_a_failing_member_ends_alone():
+    from workbench.config import compose
+    from workbench.train import DivergenceError, Member, train_population
+
+    class Poison:
+        def on_evaluation(self, step, metrics, agent):
+            with torch.no_grad():
+                agent.actor_flat.fill_(float("nan"))
+
+    members = [Member(compose([*TINY, f"seed={s}"])) for s in range(2)]
+    members[0].hooks = [Poison()]
+    first, second = train_population(members)
+    assert first.status == "FAILED" and "DivergenceError: evaluation return is nan" in first.reason
+    assert isinstance(members[0].error, DivergenceError)
+    assert second.status == "FINISHED" and second.steps == 1200
+
+
+def test_members_that_differ_in_shape_are_refused_naming_the_member():
+    from workbench.config import ConfigError, compose
+    from workbench.train import Member, train_population
+
+    members = [Member(compose([*TINY])), Member(compose([*TINY, "agent.critic_hidden=[8]"]))]
+    with pytest.raises(
+        ConfigError, match=r"member 1: agent\.critic_hidden=\[8\]: must be member 0"
+    ):
+        train_population(members)

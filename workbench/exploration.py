@@ -394,7 +394,12 @@ class Explorer:
         policy = self._perturbed if self._perturbed is not None else actor
         with torch.no_grad():
             out = policy(obs)
-        actions = out.to(device="cpu", dtype=torch.float32).numpy()
+        return self.explore(out, step)
+
+    def explore(self, policy_actions: torch.Tensor, step: int) -> np.ndarray:
+        """``act`` after the forward pass: the acting policy's actions (the perturbed copy's
+        under parameter noise) with scheduled noise, clipping and epsilon-random actions."""
+        actions = policy_actions.to(device="cpu", dtype=torch.float32).numpy()
         if actions.shape != (self.n_envs, self.action_dim):
             raise ValueError(
                 f"actor returned shape {tuple(actions.shape)}, "

@@ -27,11 +27,13 @@ from dataclasses import dataclass
 import torch
 
 from workbench import fused as fz
+from workbench.config import Config
 from workbench.ddpg import DDPG, Metrics
 from workbench.networks import ACTIVATIONS, flat_views
 from workbench.replay import Batch
 
-# What members of one population must share: everything that sets a tensor's shape.
+# What members of one population must share: everything that sets a tensor's shape (the
+# env sets the observation and action sizes), and the update path the population batches.
 SHAPE_KEYS = (
     "agent.actor_hidden",
     "agent.critic_hidden",
@@ -39,7 +41,44 @@ SHAPE_KEYS = (
     "agent.layer_norm",
     "agent.n_critics",
     "agent.batch_size",
+    "env.id",
+    "env.n_envs",
+    "env.time_feature",
+    "env.kwargs",
+    "device",
 )
+
+
+def check_members(configs: Sequence[Config]) -> None:
+    """Refuse a population whose members cannot share one batched program, before anything
+    starts: every key of ``SHAPE_KEYS`` as member 0's, the fused update, no compilation."""
+    from workbench.config import ConfigError, get_key, validate
+
+    problems = []
+    for k, cfg in enumerate(configs):
+        try:
+            validate(cfg)
+        except ConfigError as err:
+            problems += [f"member {k}: {p}" for p in err.problems]
+        for key in SHAPE_KEYS:
+            mine, first = get_key(cfg, key), get_key(configs[0], key)
+            if mine != first:
+                problems.append(
+                    f"member {k}: {key}={mine!r}: must be member 0's ({first!r}) in one "
+                    "population (it sets tensor shapes); members that differ here are trained "
+                    "in separate populations"
+                )
+        if len(configs) == 1:
+            continue
+        for key, value, why in (
+            ("perf.fused_update", False, "a population batches the fused update"),
+            ("perf.compile", True, "a population's update runs eagerly"),
+            ("agent.layer_norm", True, "the fused update has no layer norm"),
+        ):
+            if get_key(cfg, key) == value:
+                problems.append(f"member {k}: {key}={value}: {why}")
+    if problems:
+        raise ConfigError(problems)
 
 
 _PROBED: dict[tuple[object, ...], bool] = {}
@@ -205,7 +244,7 @@ class Population:
                 raise ValueError(f"member {i}: a population needs the fused update")
             if agent.compiled:
                 raise ValueError(f"member {i}: a population does not compile its update")
-            for key in SHAPE_KEYS[:-1]:
+            for key in (k for k in SHAPE_KEYS if k.startswith("agent.")):
                 name = key.split(".")[1]
                 if getattr(agent.cfg, name) != getattr(first.cfg, name):
                     raise ValueError(f"member {i}: {key} differs from member 0 ({key} sets shapes)")

@@ -1,21 +1,26 @@
-"""The training loop: ``train(cfg, tracker, hooks) -> RunResult``.
+"""The training loop: ``train(cfg, tracker, hooks) -> RunResult``, and its K axis.
 
 One flat loop — collect, store, update, report, evaluate, checkpoint — that ``workbench
-train``, study trials and ablation runs all call. Its parts live where they belong: the
-counters and history in ``runstate``, evaluation in ``evaluate``, checkpoints and
-interrupts in ``checkpoint``, exploration in ``exploration``, random streams in ``seeding``.
+train``, study trials and ablation runs all call. It steps a population of members
+(``train_population``): each its own run with its own values and seed, acting through one
+batched forward pass and learning through one batched update (``workbench.population``);
+``train`` is the population of one, whose agent updates itself. The loop's parts live where
+they belong: counters and history in ``runstate``, evaluation in ``evaluate``, checkpoints
+and interrupts in ``checkpoint``, exploration in ``exploration``, random streams in
+``seeding``.
 The MLflow run it reports to always ends: FINISHED, FAILED with the reason, or KILLED
 (interrupt, or a hook that stops the run early).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,10 +48,10 @@ from workbench.errors import DivergenceError, Interrupted
 from workbench.evaluate import Evaluator
 from workbench.exploration import Explorer
 from workbench.policy import ARTIFACT_DIR, policy_spec, save_policy
-from workbench.replay import ReplayBuffer, make_replay_buffer
+from workbench.replay import Batch, ReplayBuffer, make_replay_buffer
 from workbench.runstate import RunState
-from workbench.tracking import Ending, NullTracker, Tracker, ends_run, make_tracker
-from workbench.tracking.status import StopRun
+from workbench.tracking import Ending, NullTracker, Tracker, make_tracker
+from workbench.tracking.status import StopRun, default_ending
 from workbench.tracking.tags import (
     CHECKPOINT_DIR_TAG,
     RESUMED_AT_STEP_TAG,
@@ -58,12 +63,14 @@ __all__ = [
     "DivergenceError",
     "Hook",
     "Interrupted",
+    "Member",
     "RunResult",
     "StopRun",
     "build_learner",
     "resolve_device",
     "run_name",
     "train",
+    "train_population",
 ]
 
 log = logging.getLogger(__name__)
@@ -156,54 +163,145 @@ def train(
 ) -> RunResult:
     """Train one DDPG/TD3 agent as ``cfg`` says and report everything to ``tracker``.
 
-    With ``cfg.resume`` set, the run continues from its latest checkpoint (``resume_state``
-    when the caller has loaded it already, see ``checkpoint.prepare_resume``).
-    ``handle_signals``: the first SIGINT/SIGTERM writes a checkpoint and ends the run KILLED.
+    The population loop with one member. With ``cfg.resume`` set, the run continues from its
+    latest checkpoint (``resume_state`` when the caller has loaded it already, see
+    ``checkpoint.prepare_resume``). ``handle_signals``: the first SIGINT/SIGTERM writes a
+    checkpoint and ends the run KILLED. An error that ends the run is raised here.
     """
     if cfg.resume is not None and resume_state is None:
         cfg, resume_state = prepare_resume(cfg, ())
-    validate(cfg)
-    device = resolve_device(cfg.device)
-    if cfg.torch_threads is not None:
-        torch.set_num_threads(cfg.torch_threads)
-    seeding.seed_globals(cfg.seed)
+    member = Member(cfg, tracker, hooks, tags, resume_state)
+    (result,) = _train([member], handle_signals=handle_signals)
+    if member.error is not None:
+        raise member.error
+    return result
 
-    # Everything that can fail on bad input happens before the tracker's run exists.
-    e = cfg.env
-    options = envs_mod.env_options(e)
-    envs = envs_mod.make_vec_env(
-        e.id, e.n_envs, vectorization=e.vectorization, seed=cfg.seed, **options
-    )
+
+@dataclass
+class Member:
+    """One run of a population: its config, tracker, hooks, tags and (resumed) state."""
+
+    cfg: Config
+    tracker: Tracker | None = None
+    hooks: Sequence[Hook] = ()
+    tags: Mapping[str, str] | None = None
+    resume_state: Mapping[str, Any] | None = None
+    error: BaseException | None = None  # what ended the run, if not finishing
+
+
+def train_population(members: Sequence[Member]) -> list[RunResult]:
+    """Train K runs of one shape as one program: the same loop, one batched update.
+
+    Every member is its own run (own tracker, hooks, seed, values); an error or a hook's
+    ``StopRun`` ends that member alone (its ``error`` says why) and the others go on.
+    Members share what sets tensor shapes (``population.SHAPE_KEYS``, the env). Each
+    member writes its periodic checkpoints as a single run would; Ctrl-C ends every member
+    KILLED at once (no checkpoint on the interrupt).
+    """
+    from workbench.population import check_members
+
+    check_members([m.cfg for m in members])
+    return _train(list(members), handle_signals=False)
+
+
+def _train(members: list[Member], *, handle_signals: bool) -> list[RunResult]:
+    runs: list[_Run] = []
+    interrupts = Interrupts(handle_signals and len(members) == 1)
     try:
-        video = "rgb_array" if cfg.eval.video else None
-        eval_env = envs_mod.make_env(e.id, render_mode=video, **options)
-    except Exception:
-        envs.close()
+        for k, member in enumerate(members):
+            runs.append(_Run.open(k, member, len(members)))  # bad input fails here, run by run
+        for run in runs:
+            with run.guard():
+                run.build(interrupts)
+        learner = _learner(runs)
+        with interrupts:
+            _loop(runs, learner)
+    except KeyboardInterrupt as err:
+        for run in runs:
+            if run.running:
+                run.end_by(err)
         raise
-    lock: RunLock | None = None
-    try:
-        if resume_state is not None:
-            assert cfg.resume is not None
-            lock = RunLock(checkpoint_dir(cfg.checkpoint.dir, cfg.resume))
-            lock.acquire()  # refuses a run that is still training elsewhere
-        tracker = tracker or make_tracker(
-            cfg.tracking,
-            run_name=run_name(cfg),
-            resume_run_id=cfg.resume if resume_state is not None else None,
-        )
-        run = _Run.start(cfg, tracker, hooks, device, envs, eval_env, tags, resume_state, lock)
-        return run.train(resume_state, handle_signals)
     finally:
-        envs.close()
-        eval_env.close()
-        if lock is not None:
-            lock.release()
+        for run in runs:
+            run.close()
+    return [run.result for run in runs]
+
+
+def _learner(runs: Sequence[_Run]) -> Any:
+    """The batched update over the members (None for one run: its agent updates itself)."""
+    if len(runs) == 1:
+        return None
+    from workbench.population import Population
+
+    return Population([run.agent for run in runs])
+
+
+def _loop(runs: Sequence[_Run], learner: Any) -> None:
+    """Collect, store, update, report, evaluate, checkpoint: every member, step by step."""
+    single = learner is None
+    while live := [r for r in runs if r.running]:
+        actions = _act(live, learner)
+        for run in live:
+            run.start_step(actions.get(run.k))
+        # with one run, updates whose batch avoids the rows this step writes run while
+        # async envs simulate (the batch, so the update, is the same)
+        early, held = live[0].early_updates() if single else (0, None)
+        for run in live:
+            with run.guard():
+                run.finish_step()
+        _learn([r for r in live if r.running and r.learn], learner, early, held)
+        for run in live:
+            with run.guard():
+                if run.running:
+                    run.after_step()
+
+
+def _act(live: Sequence[_Run], learner: Any) -> dict[int, np.ndarray]:
+    """Each member's actions: uniform until its learning starts, then its explorer's on its
+    policy's actions (one batched forward for a population; parameter noise acts with each
+    member's own perturbed copy)."""
+    batched = None
+    acting = [r for r in live if r.learning_started and r.explorer.kind != "param"]
+    if learner is not None and acting:
+        first = acting[0]
+        obs = torch.zeros(learner.k, *first.obs.shape, device=first.device)
+        for run in acting:
+            obs[run.k] = torch.as_tensor(run.obs, dtype=torch.float32, device=run.device)
+        batched = learner.act(obs)
+    out: dict[int, np.ndarray] = {}
+    for run in live:
+        with run.guard():
+            out[run.k] = run.act(batched[run.k] if batched is not None else None)
+    return out
+
+
+def _learn(learning: Sequence[_Run], learner: Any, early: int, held: torch.Tensor | None) -> None:
+    """This step's updates of the members that learn now."""
+    if not learning:
+        return
+    if learner is None:
+        (run,) = learning
+        run.update_alone(run.cfg.agent.gradient_steps - early, held)
+        return
+    last: dict[int, Batch] = {}
+    for g in range(max(r.cfg.agent.gradient_steps for r in learning)):
+        batches: list[Batch | None] = [None] * learner.k
+        for run in learning:
+            if g < run.cfg.agent.gradient_steps:
+                batches[run.k] = last[run.k] = run.sample()
+        metrics = learner.update(batches)
+        for run in learning:
+            if metrics[run.k] is not None:
+                run.state.means.add(metrics[run.k])
+    for run in learning:
+        run.updated(last.get(run.k))
 
 
 @dataclass
 class _Run:
-    """One run's parts, as the loop uses them."""
+    """One member's parts, as the loop uses them."""
 
+    k: int  # index in the population
     cfg: Config
     tracker: Tracker
     hooks: Sequence[Hook]
@@ -216,40 +314,78 @@ class _Run:
     state: RunState
     result: RunResult
     display: ProgressDisplay
+    member: Member
+    resume_state: Mapping[str, Any] | None
     t_start: float = field(default_factory=time.perf_counter)
+    running: bool = False
+    ending: Ending = field(default_factory=Ending)
+    checkpointer: Checkpointer | None = None
+    obs: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    learn: bool = False
+    prev_step: int = 0
+    done: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    # ----------------------------------------------------------------------------- start
 
     @classmethod
-    def start(
-        cls,
-        cfg: Config,
-        tracker: Tracker,
-        hooks: Sequence[Hook],
-        device: torch.device,
-        envs: Any,
-        eval_env: Any,
-        extra_tags: Mapping[str, str] | None,
-        resume_state: Mapping[str, Any] | None,
-        lock: RunLock | None,
-    ) -> _Run:
-        """Check a resumed run's checkpoint fits, then start (or reopen) the tracker's run."""
-        obs_dim = int(np.prod(envs.single_observation_space.shape))
-        action_dim = int(np.prod(envs.single_action_space.shape))
-        config_tree = to_dict(cfg)
-        config_tree["resume"] = None  # the run's config, not how this process was started
-        header = {"config_hash": config_hash(cfg), "obs_dim": obs_dim, "action_dim": action_dim}
-        if resume_state is not None:
-            check_compatible(dict(resume_state), header)
-            step = str(resume_state["step"])
-            extra_tags = {**(extra_tags or {}), RESUMED_AT_STEP_TAG: step}
-        tracker.start(params=flatten(config_tree), tags=run_tags(cfg, str(device), extra_tags))
-        tracker.log_text(OmegaConf.to_yaml(config_tree), "config.yaml")
+    def open(cls, k: int, member: Member, population: int) -> _Run:
+        """Validate, make the envs, check a resumed run's checkpoint fits, then start (or
+        reopen) the tracker's run: everything that can fail on bad input comes first."""
+        cfg, resume_state = member.cfg, member.resume_state
+        validate(cfg)
+        device = resolve_device(cfg.device)
+        if cfg.torch_threads is not None:
+            torch.set_num_threads(cfg.torch_threads)
+        e = cfg.env
+        options = envs_mod.env_options(e)
+        envs = envs_mod.make_vec_env(
+            e.id, e.n_envs, vectorization=e.vectorization, seed=cfg.seed, **options
+        )
+        eval_env = lock = None
+        try:
+            video = "rgb_array" if cfg.eval.video else None
+            eval_env = envs_mod.make_env(e.id, render_mode=video, **options)
+            if resume_state is not None:
+                assert cfg.resume is not None
+                lock = RunLock(checkpoint_dir(cfg.checkpoint.dir, cfg.resume))
+                lock.acquire()  # refuses a run that is still training elsewhere
+            tracker = member.tracker or make_tracker(
+                cfg.tracking,
+                run_name=run_name(cfg),
+                resume_run_id=cfg.resume if resume_state is not None else None,
+            )
+            obs_dim = int(np.prod(envs.single_observation_space.shape))
+            action_dim = int(np.prod(envs.single_action_space.shape))
+            header = {
+                "config_hash": config_hash(cfg),
+                "obs_dim": obs_dim,
+                "action_dim": action_dim,
+            }
+            extra_tags = member.tags
+            if resume_state is not None:
+                check_compatible(dict(resume_state), header)
+                step = str(resume_state["step"])
+                extra_tags = {**(extra_tags or {}), RESUMED_AT_STEP_TAG: step}
+            config_tree = to_dict(cfg)
+            config_tree["resume"] = None  # the run's config, not how this process was started
+            tracker.start(params=flatten(config_tree), tags=run_tags(cfg, str(device), extra_tags))
+            tracker.log_text(OmegaConf.to_yaml(config_tree), "config.yaml")
+        except BaseException:
+            envs.close()
+            if eval_env is not None:
+                eval_env.close()
+            if lock is not None:
+                lock.release()
+            raise
         if tracker.run_id is not None:
             log.info("MLflow run %s (%s)", tracker.run_id, "resumed" if resume_state else "new")
         run_key = cfg.resume or tracker.run_id or uuid.uuid4().hex
+        perf = {"loop_s": 0.0, "final_s": 0.0, "loop_eval_s": 0.0, "final_eval_s": 0.0}
         return cls(
+            k=k,
             cfg=cfg,
             tracker=tracker,
-            hooks=hooks,
+            hooks=member.hooks,
             device=device,
             envs=envs,
             eval_env=eval_env,
@@ -257,70 +393,19 @@ class _Run:
             ckpt_lock=lock or RunLock(checkpoint_dir(cfg.checkpoint.dir, run_key)),
             run_key=run_key,
             state=RunState(cfg.seed, cfg.perf.device_metrics),
-            result=RunResult(
-                tracker.run_id,
-                "RUNNING",
-                0,
-                math.nan,
-                math.nan,
-                perf={"loop_s": 0.0, "final_s": 0.0, "loop_eval_s": 0.0, "final_eval_s": 0.0},
-            ),
-            display=ProgressDisplay(cfg.total_steps, enabled=cfg.progress),
+            result=RunResult(tracker.run_id, "RUNNING", 0, math.nan, math.nan, perf=perf),
+            display=ProgressDisplay(cfg.total_steps, enabled=cfg.progress and population == 1),
+            member=member,
+            resume_state=resume_state,
+            running=True,
         )
 
-    def train(self, resume_state: Mapping[str, Any] | None, handle_signals: bool) -> RunResult:
-        """Build the learner, run the loop, finish; end the tracker's run however it ends."""
-        cfg, tracker, result, state = self.cfg, self.tracker, self.result, self.state
-        ck, perf = cfg.checkpoint, result.perf
-        checkpointer: Checkpointer | None = None
-
-        def interrupted(err: BaseException) -> str | None:
-            if not isinstance(err, KeyboardInterrupt):
-                return None  # StopRun's own reason; "ExcType: message" for a failure
-            if checkpointer is None:
-                return f"interrupted at step {state.step}"
-            return checkpointer.interrupted_reason(state.step, err)
-
-        def last_tags(ending: Ending) -> dict[str, str] | None:
-            finished = ending.status == "FINISHED" and not ck.keep_after_finish
-            if finished and self.ckpt_lock.directory.is_dir():
-                return {CHECKPOINT_DIR_TAG: "(deleted: the run finished)"}
-            return None
-
-        ending = Ending()
-        try:
-            with ends_run(tracker, reason=interrupted, tags=last_tags) as ending:
-                self._build()
-                interrupts = Interrupts(handle_signals)
-                checkpointer = Checkpointer(
-                    ck,
-                    self.ckpt_lock,
-                    self.run_key,
-                    self.header,
-                    interrupts,
-                    on_first=lambda d: tracker.set_tags({CHECKPOINT_DIR_TAG: str(d)}),
-                    flush=tracker.flush,
-                )
-                obs = self._first_obs(resume_state)
-                t_loop = time.perf_counter()
-                with interrupts:
-                    self._loop(obs, checkpointer)
-                perf["loop_s"] = time.perf_counter() - t_loop
-                self._finish()
-        finally:
-            result.status, result.reason = ending.status, ending.reason
-            self._close(checkpointer)  # an unfinished run keeps its checkpoints to resume
-        if ck.keep_after_finish:
-            self.ckpt_lock.release()
-        else:
-            self.ckpt_lock.remove_folder()  # only this run's folder: nothing is left to resume
-        return result
-
-    # ------------------------------------------------------------------------------ parts
-
-    def _build(self) -> None:
+    def build(self, interrupts: Interrupts) -> None:
+        """The agent (initialized from the member's seed), buffer, explorer, evaluator and
+        checkpointer; then the first observations (or the checkpoint's state)."""
         cfg, e = self.cfg, self.cfg.env
         obs_dim, action_dim = self.header["obs_dim"], self.header["action_dim"]
+        seeding.seed_globals(cfg.seed)
         self.agent, self.buffer = build_learner(cfg, obs_dim, action_dim, self.device)
         self.result.perf["replay_nbytes"] = float(self.buffer.nbytes)
         self.explorer = Explorer(
@@ -344,6 +429,18 @@ class _Run:
             state=self.state,
             display=self.display,
         )
+        tracker = self.tracker
+        self.checkpointer = Checkpointer(
+            cfg.checkpoint,
+            self.ckpt_lock,
+            self.run_key,
+            self.header,
+            interrupts,
+            on_first=lambda d: tracker.set_tags({CHECKPOINT_DIR_TAG: str(d)}),
+            flush=tracker.flush,
+        )
+        self.obs = self._first_obs(self.resume_state)
+        self.t_loop = time.perf_counter()
 
     def _policy(self, obs: np.ndarray) -> np.ndarray:
         """The deterministic policy on one raw observation, in env units (evaluation)."""
@@ -378,65 +475,63 @@ class _Run:
             envs=self.envs,
         )
 
-    # ------------------------------------------------------------------------------- loop
+    # ------------------------------------------------------------------------------ step
 
-    def _loop(self, obs: np.ndarray, checkpointer: Checkpointer) -> None:
-        cfg, a, n_envs = self.cfg, self.cfg.agent, self.cfg.env.n_envs
-        agent, buffer, explorer, state = self.agent, self.buffer, self.explorer, self.state
-        while state.step < cfg.total_steps:
-            # collect: uniform actions until learning starts, then the explorer's
-            actions = self._act(obs)
-            learn = (
-                state.step + n_envs >= a.learning_starts
-                and (state.vec_steps + 1) % a.train_freq == 0
-                and a.gradient_steps > 0
-            )
-            self.stepper.start(self.scale.to_env(actions))
-            early, held = self._early_updates(learn)  # while async envs simulate
-            next_obs, rewards, terminated, truncated, infos = self.stepper.finish()
-            real_next = envs_mod.real_next_obs(next_obs, infos)
-            buffer.add(obs, actions, rewards, real_next, terminated, truncated)
-            prev_step = state.advance(n_envs)
-            for _, ep_return, ep_length in envs_mod.finished_episodes(infos):
-                self._episode(ep_return, ep_length)
-            done = np.logical_or(terminated, truncated)
-            if done.any():
-                explorer.on_episode_end(agent.actor, done)
-            obs = next_obs
-            agent.obs_norm.update(obs)
+    @property
+    def learning_started(self) -> bool:
+        return self.state.step >= self.cfg.agent.learning_starts
 
-            if learn:  # the rest of this step's updates
-                self._updates(a.gradient_steps - early, held)
-            if _crossed(prev_step, state.step, cfg.tracking.log_every):
-                self._report()
-            self.display.advance(state.step)
-            if _crossed(prev_step, state.step, cfg.eval.every) and state.step < cfg.total_steps:
-                metrics = self.evaluator(state.step)
-                for hook in self.hooks:
-                    hook.on_evaluation(state.step, metrics, agent)
-            if state.step < cfg.total_steps:  # a finished run has nothing left to resume
-                checkpointer.after_step(
-                    prev_step, state.step, state.vec_steps, bool(done.all()), self._snapshot
-                )
-
-    def _act(self, obs: np.ndarray) -> np.ndarray:
+    def act(self, policy_actions: torch.Tensor | None) -> np.ndarray:
+        """Uniform actions until learning starts, then the explorer's (on the population's
+        batched ``policy_actions`` when given, else on this agent's own forward pass)."""
         state, e = self.state, self.cfg.env
-        if state.step < self.cfg.agent.learning_starts:
+        if not self.learning_started:
             shape = (e.n_envs, self.header["action_dim"])
             return state.rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
-        obs_t = torch.as_tensor(obs, dtype=torch.float32, device=self.device)
-        actions = self.explorer.act(self.agent.actor, self.agent.obs_norm(obs_t), state.step)
+        if policy_actions is not None:
+            actions = self.explorer.explore(policy_actions, state.step)
+        else:
+            obs_t = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)
+            actions = self.explorer.act(self.agent.actor, self.agent.obs_norm(obs_t), state.step)
         if not np.isfinite(actions).all():
             raise DivergenceError(f"non-finite action {actions.tolist()} at step {state.step}")
         return actions
 
-    def _early_updates(self, learn: bool) -> tuple[int, torch.Tensor | None]:
+    def start_step(self, actions: np.ndarray | None) -> None:
+        if not self.running or actions is None:
+            return
+        a, n_envs = self.cfg.agent, self.cfg.env.n_envs
+        self.learn = (
+            self.state.step + n_envs >= a.learning_starts
+            and (self.state.vec_steps + 1) % a.train_freq == 0
+            and a.gradient_steps > 0
+        )
+        self.actions = actions
+        self.stepper.start(self.scale.to_env(actions))
+
+    def finish_step(self) -> None:
+        """The envs' answer: store the transitions, record ended episodes, next observation."""
+        if not self.running:
+            return
+        next_obs, rewards, terminated, truncated, infos = self.stepper.finish()
+        real_next = envs_mod.real_next_obs(next_obs, infos)
+        self.buffer.add(self.obs, self.actions, rewards, real_next, terminated, truncated)
+        self.prev_step = self.state.advance(self.cfg.env.n_envs)
+        for _, ep_return, ep_length in envs_mod.finished_episodes(infos):
+            self._episode(ep_return, ep_length)
+        self.done = np.logical_or(terminated, truncated)
+        if self.done.any():
+            self.explorer.on_episode_end(self.agent.actor, self.done)
+        self.obs = next_obs
+        self.agent.obs_norm.update(next_obs)
+
+    def early_updates(self) -> tuple[int, torch.Tensor | None]:
         """Updates whose batch does not touch the rows this step will write: they can run
         while the envs simulate, and the batch, so the update, is the same. Returns how many
         ran, and the first batch's indices that had to wait (to use after the write)."""
         a, n_envs = self.cfg.agent, self.cfg.env.n_envs
         early = 0
-        while self.stepper.overlap and learn and early < a.gradient_steps:
+        while self.running and self.stepper.overlap and self.learn and early < a.gradient_steps:
             idx = self.buffer.sample_indices(a.batch_size, upcoming=n_envs)
             if self.buffer.hits_pending(idx, n_envs):
                 return early, idx
@@ -444,19 +539,49 @@ class _Run:
             early += 1
         return early, None
 
-    def _updates(self, n: int, held: torch.Tensor | None) -> None:
-        a, state = self.cfg.agent, self.state
+    def sample(self) -> Batch:
+        return self.buffer.gather(self.buffer.sample_indices(self.cfg.agent.batch_size))
+
+    def update_alone(self, n: int, held: torch.Tensor | None) -> None:
+        """This step's updates of a run trained on its own."""
+        a = self.cfg.agent
         batch = None
         for _ in range(n):
             idx = held if held is not None else self.buffer.sample_indices(a.batch_size)
             held = None
             batch = self.buffer.gather(idx)
-            state.means.add(self.agent.update(batch))
+            self.state.means.add(self.agent.update(batch))
+        self.updated(batch)
+
+    def updated(self, last_batch: Batch | None) -> None:
+        """Count this step's updates; parameter noise adapts on the last batch."""
+        state, a = self.state, self.cfg.agent
         state.updates_since_log += a.gradient_steps
         state.updates += a.gradient_steps
-        if batch is not None and self.cfg.noise.kind == "param":
-            obs = self.agent.obs_norm(batch.obs)
+        if last_batch is not None and self.cfg.noise.kind == "param":
+            obs = self.agent.obs_norm(last_batch.obs)
             self.explorer.adapt(self.agent.actor, obs, state.step)
+
+    def after_step(self) -> None:
+        """Report, evaluate (hooks may stop the run), checkpoint; finish at the last step."""
+        cfg, state = self.cfg, self.state
+        prev, step = self.prev_step, state.step
+        if _crossed(prev, step, cfg.tracking.log_every):
+            self._report()
+        self.display.advance(step)
+        if _crossed(prev, step, cfg.eval.every) and step < cfg.total_steps:
+            metrics = self.evaluator(step)
+            for hook in self.hooks:
+                hook.on_evaluation(step, metrics, self.agent)
+        if step < cfg.total_steps:  # a finished run has nothing left to resume
+            assert self.checkpointer is not None
+            self.checkpointer.after_step(
+                prev, step, state.vec_steps, bool(self.done.all()), self._snapshot
+            )
+            return
+        self.result.perf["loop_s"] = time.perf_counter() - self.t_loop
+        self._finish()
+        self._end("FINISHED", None)
 
     def _episode(self, ep_return: float, ep_length: int) -> None:
         step = self.state.step
@@ -510,8 +635,43 @@ class _Run:
             tracker.flush()
         perf["final_s"] = time.perf_counter() - t0
 
-    def _close(self, checkpointer: Checkpointer | None) -> None:
+    @contextlib.contextmanager
+    def guard(self) -> Iterator[None]:
+        """A member's error (or a hook's StopRun) ends its run alone; Ctrl-C ends them all."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:
+            if not self.running:
+                raise
+            self.end_by(err)
+
+    def end_by(self, err: BaseException) -> None:
+        """End the run as ``err`` says (tracking.status's rule; an interrupt's reason says how
+        to continue from the latest checkpoint)."""
+        status, reason = default_ending(err)
+        if isinstance(err, KeyboardInterrupt):
+            step = self.state.step
+            c = self.checkpointer
+            reason = c.interrupted_reason(step, err) if c else f"interrupted at step {step}"
+        self.member.error = err
+        self._end(status, reason)
+
+    def _end(self, status: str, reason: str | None) -> None:
+        self.running = False
+        self.ending.set(status, reason)
+        ck = self.cfg.checkpoint
+        if status == "FINISHED" and not ck.keep_after_finish and self.ckpt_lock.directory.is_dir():
+            self.tracker.set_tags({CHECKPOINT_DIR_TAG: "(deleted: the run finished)"})
+        self.tracker.end(status, reason)
+        self.result.status, self.result.reason = status, reason
+
+    def close(self) -> None:
+        """Fill in the result, close the envs, release (or remove) the checkpoint folder."""
         result, state, perf = self.result, self.state, self.result.perf
+        if self.running:  # never started its loop: a failure while building the others
+            self._end("FAILED", "another member of its population failed to start")
         self.display.close()
         result.steps, result.wall_time_s = state.step, time.perf_counter() - self.t_start
         result.eval_steps, result.eval_returns = state.eval_steps, state.eval_returns
@@ -523,9 +683,14 @@ class _Run:
         if hasattr(self, "evaluator"):
             perf["loop_eval_s"] = self.evaluator.seconds["loop"]
             perf["final_eval_s"] = self.evaluator.seconds["final"]
-        if checkpointer is not None and checkpointer.seconds:
-            perf["checkpoint_s"] = checkpointer.seconds
-        self.ckpt_lock.release()
+        if self.checkpointer is not None and self.checkpointer.seconds:
+            perf["checkpoint_s"] = self.checkpointer.seconds
+        self.envs.close()
+        self.eval_env.close()
+        if result.status == "FINISHED" and not self.cfg.checkpoint.keep_after_finish:
+            self.ckpt_lock.remove_folder()  # only this run's folder: nothing is left to resume
+        else:
+            self.ckpt_lock.release()  # an unfinished run keeps its checkpoints to resume
 
 
 def _crossed(prev: int, now: int, every: int) -> bool:

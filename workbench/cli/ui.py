@@ -19,7 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from workbench.tracking import embedded_uri, redact
+    from workbench.tracking import embedded_uri, list_experiments, redact
 
     store = Path(args.dir).resolve()
     uri = args.uri or embedded_uri(store)
@@ -27,10 +27,20 @@ def cmd_ui(args: argparse.Namespace) -> int:
     cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     if args.uri is None:
         cmd += ["--default-artifact-root", (store / "artifacts").as_uri()]
+    url = f"http://{args.host}:{args.port}"
     print(
-        f"MLflow UI for {redact(uri)} on http://{args.host}:{args.port} "
-        "(training runs: 'Model training' toggle, top left, once per browser; Ctrl-C to stop)",
+        f"MLflow UI for {redact(uri)} on {url} (Ctrl-C to stop). MLflow opens on its GenAI "
+        "view: training runs are under the 'Model training' toggle, top left (the browser "
+        "remembers it); these links open each experiment on its runs:",
         file=sys.stderr,
     )
+    # MLflow's own empty "Default" experiment is not one of ours
+    experiments = [e for e in list_experiments(uri) if e != ("Default", "0")]
+    width = max((len(name) for name, _ in experiments), default=0)
+    for name, experiment_id in experiments:
+        link = f"{url}/#/experiments/{experiment_id}?workflowType=machine_learning"
+        print(f"  {name:<{width}}  {link}", file=sys.stderr)
+    if not experiments:
+        print("  (no experiments yet: run `workbench train` first)", file=sys.stderr)
     os.execv(mlflow, cmd)
     return 0  # not reached

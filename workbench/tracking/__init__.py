@@ -13,7 +13,13 @@ Everything else hands a ``Tracker`` plain ``dict[str, float]`` at an env step.
 """
 
 from workbench.tracking.parent import ParentRun
-from workbench.tracking.queries import RunRecord, download_artifacts, metric_history, search_runs
+from workbench.tracking.queries import (
+    RunRecord,
+    download_artifacts,
+    list_experiments,
+    metric_history,
+    search_runs,
+)
 from workbench.tracking.redact import _one_line, redact
 from workbench.tracking.status import STATUSES, Ending, StopRun, _check_status, ends_run
 from workbench.tracking.store import (
@@ -88,6 +94,7 @@ __all__ = [
     "embedded_uri",
     "ends_run",
     "git_info",
+    "list_experiments",
     "make_tracker",
     "metric_history",
     "probe_store",

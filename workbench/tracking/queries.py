@@ -24,6 +24,21 @@ class RunRecord:
     tags: dict[str, str]
 
 
+def list_experiments(uri: str) -> list[tuple[str, str]]:
+    """(name, id) of every active experiment in the store, oldest first; [] if it cannot be read."""
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        return []
+    try:
+        client = _client(uri)
+        found = client.search_experiments()
+    except Exception:
+        return []
+    return sorted(
+        ((e.name, e.experiment_id) for e in found), key=lambda e: int(e[1]) if e[1].isdigit() else 0
+    )
+
+
 def search_runs(
     uri: str,
     *,

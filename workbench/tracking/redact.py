@@ -18,11 +18,22 @@ _SECRET_ENV = re.compile(r"(PASSWORD|PASSWD|TOKEN|SECRET|SECRET_ACCESS_KEY|API_K
 _MIN_SECRET_LEN = 4  # shorter env values would blank out ordinary text
 
 
+def _environment() -> dict[str, str]:
+    """A snapshot of the environment. MLflow's telemetry thread sets and unsets a variable
+    while a run starts; iterating ``os.environ`` meanwhile raised KeyError mid-iteration."""
+    for _ in range(10):
+        try:
+            return dict(os.environ)
+        except (KeyError, RuntimeError):
+            continue
+    return {}
+
+
 def redact(text: str) -> str:
     """Hide credentials so URIs and config values can be printed and logged as params/tags."""
     text = _USERINFO.sub(lambda m: f"{m['head']}:***@" if m["secret"] else m[0], text)
     text = _KEY_VALUE.sub(lambda m: f"{m['head']}***", text)
-    for name, value in os.environ.items():
+    for name, value in _environment().items():
         if value and len(value) >= _MIN_SECRET_LEN and _SECRET_ENV.search(name.upper()):
             text = text.replace(value, "***")
     return text
