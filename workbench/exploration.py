@@ -41,15 +41,11 @@ __all__ = [
 # Normalization layers whose parameters parameter-space noise leaves alone: Plappert et al.
 # put layer norm between perturbed layers so every layer's perturbation acts on the same
 # scale; perturbing the norm's own gain and bias would undo that.
-_UNPERTURBED_MODULES: tuple[type[nn.Module], ...] = tuple(
-    m
-    for m in (
-        nn.LayerNorm,
-        getattr(nn, "RMSNorm", None),  # torch >= 2.4
-        nn.GroupNorm,
-        nn.modules.batchnorm._NormBase,  # batch and instance norm
-    )
-    if m is not None
+_UNPERTURBED_MODULES: tuple[type[nn.Module], ...] = (
+    nn.LayerNorm,
+    nn.RMSNorm,
+    nn.GroupNorm,
+    nn.modules.batchnorm._NormBase,  # batch and instance norm
 )
 
 # ----------------------------------------------------------------------------- schedules
