@@ -13,3 +13,19 @@ def store(tmp_path):
 
     d = tmp_path / "mlruns"
     return d, embedded_uri(d)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test's tensor ops on one intra-op thread, then restore the setting.
+
+    For tests of tiny networks (a few thousand weights) that do thousands of small ops:
+    there torch's thread pool only adds synchronisation, and on a loaded machine or under
+    xdist each op gets many times slower (param-noise adaptation: 40 ms a step, not 1 ms).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

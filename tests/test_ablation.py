@@ -1,10 +1,14 @@
 """Ablation specs, runner, resume and report, end to end with tiny runs."""
 
+import csv
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
+import numpy as np
 import pytest
+from artifact_checks import pixels_of, read_png, where_is
 from mlflow.tracking import MlflowClient
 
 from workbench.ablation import load_spec, run_ablation
@@ -15,6 +19,13 @@ TINY = (
     "agent.learning_starts=100, eval.every=200, eval.episodes=1, eval.video=false, "
     "tracking.log_every=100]"
 )
+
+
+GREY_BLUE = ("tab:gray", "tab:blue")
+SUMMARY_COLUMNS = [
+    "variant", "n", "iqm", "iqm_ci_low", "iqm_ci_high", "mean", "median", "std",
+    "p_improvement", "poi_ci_low", "poi_ci_high", "mwu_p", "verdict",
+]  # fmt: skip
 
 
 def _spec(tmp_path, body: str, name="spec.yaml"):
@@ -69,8 +80,6 @@ def test_bad_specs_are_rejected_before_any_run(tmp_path, body, message):
 
 
 def test_shipped_specs_load():
-    from pathlib import Path
-
     names = {p.stem for p in Path("studies/ablations").glob("*.yaml")}
     assert {"td3_components", "exploration", "noise_schedule", "tau"} <= names
     for name in names:
@@ -85,10 +94,39 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path):
     assert (result.ran, result.skipped, result.failed) == (4, 0, [])
     assert sorted(result.scores) == ["ddpg", "twin"]
     assert all(len(v) == 2 for v in result.scores.values())
-    for name in ("report.md", "summary.csv", "iqm.png", "curves.png"):
-        assert (out / name).stat().st_size > 0
+    # summary.csv: one row per variant, with the statistics of that variant's scores
+    with (out / "summary.csv").open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = {r["variant"]: r for r in reader}
+    assert reader.fieldnames == SUMMARY_COLUMNS
+    assert sorted(rows) == ["ddpg", "twin"]
+    for variant, row in rows.items():
+        scores = result.scores[variant]
+        assert int(row["n"]) == 2
+        assert float(row["mean"]) == pytest.approx(np.mean(scores))
+        assert float(row["median"]) == pytest.approx(np.median(scores))
+        assert float(row["iqm_ci_low"]) <= float(row["iqm"]) <= float(row["iqm_ci_high"])
+    assert rows["ddpg"]["verdict"] == "baseline" and rows["ddpg"]["p_improvement"] == "nan"
+    assert 0.0 <= float(rows["twin"]["p_improvement"]) <= 1.0
+    assert "too few seeds" in rows["twin"]["verdict"]
+    # report.md: the table has a row per variant with its runs, mean and verdict
     md = (out / "report.md").read_text()
-    assert "| twin | 2 |" in md and "too few seeds" in md
+    assert md.startswith("# Ablation: tiny\n")
+    for variant, row in rows.items():
+        (line,) = [ln for ln in md.splitlines() if ln.startswith(f"| {variant} |")]
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert cells[:2] == [variant, "2"]
+        assert cells[3].startswith(f"{float(row['mean']):.1f} ± ")
+        assert cells[-1] == row["verdict"]
+    assert "![IQM per variant](iqm.png)" in md and "![Learning curves](curves.png)" in md
+    # the figures: 7-inch-wide plots at 120 dpi, one line per variant in the curves
+    iqm = read_png(out / "iqm.png", (840, 264))  # 0.5 inch a variant + 1.2
+    # a CI bar per variant: the baseline's grey on top, twin's blue below it
+    per_row = {c: where_is(iqm, c, alpha=0.35).sum(axis=1) for c in GREY_BLUE}
+    assert all(n.max() > 50 for n in per_row.values())
+    assert per_row["tab:gray"].argmax() < per_row["tab:blue"].argmax()
+    curves = read_png(out / "curves.png", (840, 480))
+    assert pixels_of(curves, "C0") > 100 and pixels_of(curves, "C1") > 100
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("ablation-tiny")
@@ -102,14 +140,12 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path):
         (r.data.tags["workbench.variant"], r.data.tags["workbench.seed"]) for r in children
     )
     assert pairs == [("ddpg", "0"), ("ddpg", "1"), ("twin", "0"), ("twin", "1")]
-    artifacts = {f.path for f in client.list_artifacts(parent[0].info.run_id, "report")}
-    assert artifacts >= {
-        "report/report.md",
-        "report/summary.csv",
-        "report/iqm.png",
-        "report/curves.png",
-    }
-    assert "iqm/twin" in parent[0].data.metrics
+    # the parent run holds the same four files, byte for byte, and the IQMs as metrics
+    logged = Path(client.download_artifacts(parent[0].info.run_id, "report", str(tmp_path)))
+    for name in ("report.md", "summary.csv", "iqm.png", "curves.png"):
+        assert (logged / name).read_bytes() == (out / name).read_bytes(), name
+    for variant, row in rows.items():
+        assert parent[0].data.metrics[f"iqm/{variant}"] == pytest.approx(float(row["iqm"]))
 
     # re-run with one more seed: the four finished runs are reused, only seed 2 runs
     client.set_terminated(children[0].info.run_id, "KILLED")  # and a killed one is redone
@@ -117,6 +153,8 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path):
     again = run_ablation(spec, workers=2, out_dir=out)
     assert (again.ran, again.skipped) == (3, 3)
     assert all(len(v) == 3 for v in again.scores.values())
+    md = (out / "report.md").read_text()  # the report is redone over three seeds
+    assert "| ddpg | 3 |" in md and "| twin | 3 |" in md
     parents = [
         r
         for r in client.search_runs([exp.experiment_id])

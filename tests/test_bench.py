@@ -109,7 +109,8 @@ def test_timed_tracker_adds_up_time_per_call_and_passes_everything_through():
     timed.flush()
     timed.end("FINISHED")
     assert inner.params == {"a": 1} and inner.metrics["loss/critic"] == [(10, 1.0)]
-    assert inner.status == "FINISHED" and "note.txt" in inner.artifacts
+    assert inner.status == "FINISHED" and inner.artifacts == ["note.txt"]
+    assert inner.texts == {"note.txt": "hello"}
     assert set(timed.seconds) == {"start", "log_metrics", "artifacts", "flush", "end"}
     assert timed.total() == pytest.approx(sum(timed.seconds.values()))
     assert timed.run_id is None

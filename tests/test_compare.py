@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from artifact_checks import pixels_of, read_png
 
 from workbench import compare
 from workbench.tracking import MlflowTracker
@@ -93,8 +94,20 @@ def test_cli_prints_table_and_writes_csv_png(runs, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "agent.tau" in proc.stdout and "h0.005" in proc.stdout
-    rows = list(csv.DictReader(out_csv.open()))
+    with out_csv.open(newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert reader.fieldnames == [
+        "group", "n", "eval/final_return_mean:iqm", "iqm_ci_low", "iqm_ci_high",
+        "mean", "std", "median", "eval/return_mean:mean", "perf/sps:mean", "agent.tau",
+    ]  # fmt: skip
     assert [r["group"] for r in rows] == ["h0.005", "h0.02"]
+    assert [r["n"] for r in rows] == ["3", "3"]
     assert float(rows[0]["mean"]) == pytest.approx(-110.0)
-    assert rows[1]["agent.tau"] == "0.02"
-    assert out_png.stat().st_size > 0
+    assert float(rows[1]["median"]) == pytest.approx(-310.0)
+    assert [float(r["eval/return_mean:mean"]) for r in rows] == pytest.approx([-110.0, -310.0])
+    assert [float(r["perf/sps:mean"]) for r in rows] == [100.0, 100.0]
+    assert [r["agent.tau"] for r in rows] == ["0.005", "0.02"]
+    # the curves: 7 x 4 inches at 120 dpi, one coloured line and band per group
+    png = read_png(out_png, (840, 480))
+    assert pixels_of(png, "C0") > 100 and pixels_of(png, "C1") > 100

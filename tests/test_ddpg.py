@@ -165,6 +165,7 @@ def test_actor_step_leaves_critic_gradients_from_the_critic_loss_only():
         assert torch.allclose(p.grad, ref.grad, atol=1e-6)
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # 1,500 updates of tiny nets
 def test_update_learns_a_simple_regression():
     """With gamma ~ 0 the critic must fit the reward; the actor must climb it."""
     torch.manual_seed(0)

@@ -3,12 +3,15 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
+from artifact_checks import is_drawn, pixels_of, read_png, read_video
 from mlflow.tracking import MlflowClient
 
-from workbench.config import compose
+from workbench.config import compose, config_hash, to_dict
 from workbench.policy import load_policy
 from workbench.train import StopRun, train
 
@@ -51,8 +54,9 @@ def _artifacts(client, run_id, path=None):
     return out
 
 
-def test_tiny_pendulum_run_lands_in_mlflow_with_everything(store):
-    result = train(_cfg(store), tags={"workbench.overrides": "test"})
+def test_tiny_pendulum_run_lands_in_mlflow_with_everything(store, tmp_path):
+    cfg = _cfg(store)
+    result = train(cfg, tags={"workbench.overrides": "test"})
     assert result.status == "FINISHED"
     assert result.eval_steps == [300, 600]
     client = MlflowClient(store[1])
@@ -88,6 +92,30 @@ def test_tiny_pendulum_run_lands_in_mlflow_with_everything(store):
         "policy/spec.json",
         "video/eval.mp4",
     } <= files
+
+    def fetch(path):
+        return Path(client.download_artifacts(result.run_id, path, str(tmp_path / "dl")))
+
+    # config.yaml is the run's resolved config (resume blanked), the one its hash is of
+    logged = yaml.safe_load(fetch("config.yaml").read_text())
+    assert logged == {**to_dict(cfg), "resume": None}
+    assert logged["total_steps"] == 600 and logged["agent"]["actor_hidden"] == [16]
+    assert tags["workbench.config_hash"] == config_hash(cfg)
+    # the learning curve: a 7 x 4 inch figure with the eval line drawn
+    png = read_png(fetch("learning_curve.png"), (700, 400))
+    assert pixels_of(png, "tab:blue") > 100
+    # the policy's spec: the env, its shapes and bounds, and the run it came from
+    spec = json.loads(fetch("policy/spec.json").read_text())
+    assert spec["env_id"] == "Pendulum-v1"
+    assert spec["max_episode_steps"] == cfg.env.max_episode_steps  # None: the env's own 200
+    assert (spec["obs_dim"], spec["action_dim"]) == (3, 1)
+    assert (spec["action_low"], spec["action_high"]) == ([-2.0], [2.0])
+    assert spec["config_hash"] == tags["workbench.config_hash"]
+    assert spec["steps"] == 600 and spec["normalize_obs"] is False
+    # the video: eval.video_max_frames=20 of Pendulum's 500 x 500 frames, at video_fps
+    video = read_video(fetch("video/eval.mp4"))
+    assert (video.n_frames, video.size, video.fps) == (20, (500, 500), 30.0)
+    assert is_drawn(video.first) and video.changes > 0  # a scene, and it moves
 
 
 def test_logged_policy_loads_in_one_call_and_runs_without_training_code(store, tmp_path):
@@ -136,7 +164,11 @@ def test_eval_command_prints_json_for_a_run(store, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = json.loads(proc.stdout)
     assert out["episodes"] == 2 and len(out["returns"]) == 2
-    assert video.stat().st_size > 0
+    assert out["video"] == str(video)
+    # the first episode: its reset frame and one per step
+    shown = read_video(video)
+    assert shown.n_frames == out["lengths"][0] + 1 == 201
+    assert shown.size == (500, 500) and is_drawn(shown.first) and shown.changes > 0
 
 
 class _Raise:
@@ -229,6 +261,11 @@ def test_pybullet_run_with_async_envs_and_video(store):
     assert "video/eval.mp4" in files
     spec = json.loads(next(store[0].rglob("spec.json")).read_text())
     assert spec["obs_dim"] == 15 + 1  # Hopper's 15 + the time feature
+    # the final-eval episode: its reset frame and one per step, up to video_max_frames=20
+    video = read_video(next(store[0].rglob("eval.mp4")))
+    length = client.get_run(result.run_id).data.metrics["eval/length_mean"]
+    assert video.n_frames == min(int(length) + 1, 20)
+    assert is_drawn(video.first) and video.changes > 0
 
 
 def _cli(args, cwd):
@@ -243,12 +280,15 @@ def test_cli_train_and_multirun(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout.strip().splitlines()[-1])
     assert summary["status"] == "FINISHED"
-    assert (tmp_path / "mlruns" / "mlflow.db").exists()
+    # the store in ./mlruns holds that run, finished, with its config
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["total_steps"] == "600"
 
     parallel = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]
     proc = _cli(["train", "-m", *parallel, *TINY, "eval.video=false", "seed=0,1"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     runs = client.search_runs(
         [client.get_experiment_by_name("pendulum").experiment_id],
         filter_string="tags.`workbench.sweep` != ''",

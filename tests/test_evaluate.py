@@ -9,6 +9,7 @@ import gymnasium as gym
 import imageio.v2 as imageio
 import numpy as np
 import pytest
+from artifact_checks import is_drawn, read_video
 
 from workbench.envs import make_env
 from workbench.evaluate import EvalResult, evaluate, write_video
@@ -97,8 +98,10 @@ def test_bullet_render_and_video(tmp_path: Path) -> None:
     video = tmp_path / "videos" / "hopper.mp4"
     result = evaluate(policy, env, 3, seed=1, video_path=video, video_max_frames=50)
     assert result.video_path == video
-    assert video.is_file() and video.stat().st_size > 0
-    assert _frame_count(video) == min(int(result.lengths[0]) + 1, 50)
+    shown = read_video(video)  # the first episode, as rendered, capped at 50 frames
+    assert shown.n_frames == min(int(result.lengths[0]) + 1, 50)
+    assert shown.size == (frame.shape[1], frame.shape[0])
+    assert is_drawn(shown.first) and shown.changes > 0
     # Hopper falls without control: terminated episodes, deterministic across evaluations
     assert np.all(result.lengths < 150)
     assert result.lengths.sum() >= 150
@@ -119,8 +122,10 @@ def test_pendulum_video_headless(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     result = evaluate(_pendulum_policy, env, 2, seed=0, video_path=video, fps=15)
     env.close()
     assert result.video_path == video
-    assert video.stat().st_size > 0
-    assert _frame_count(video) == 31  # the reset frame and one per step
+    shown = read_video(video)
+    assert shown.n_frames == 31  # the reset frame and one per step
+    assert (shown.size, shown.fps) == ((500, 500), 15.0)
+    assert is_drawn(shown.first) and shown.changes > 0  # the pendulum swings
 
 
 def test_video_skipped_without_rgb_array(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -27,6 +27,8 @@ from workbench.exploration import (
 
 OBS_DIM, ACT_DIM = 5, 3
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny nets: see conftest
+
 
 def make_actor(seed: int = 0, hidden: int = 32, layer_norm: bool = True) -> nn.Module:
     """A small DDPG-style actor: Linear -> (LayerNorm) -> ReLU -> Linear -> tanh."""
@@ -273,6 +275,28 @@ class TestAdaptiveParamNoise:
         pn = make_param_noise(0.1)
         pn.adapt(distance=0.1, target=0.2)
         assert pn.stddev == pytest.approx(0.1 * 1.01)
+
+    @pytest.mark.parametrize("initial_stddev", [1.0, 1e-3])
+    def test_adapt_converges_on_a_fake_distance(self, initial_stddev: float) -> None:
+        # distance = 5 * stddev exactly, so the stddev that hits target 0.1 is 0.02
+        coef, target, fixed_point = 1.1, 0.1, 0.02
+        pn = AdaptiveParamNoise(
+            initial_stddev=initial_stddev, adaptation_coef=coef, generator=torch.Generator()
+        )
+        history = [pn.stddev]
+        for _ in range(100):
+            pn.adapt(distance=5.0 * pn.stddev, target=target)
+            history.append(pn.stddev)
+        # every step is exactly one x/÷ coef, toward the fixed point until it is bracketed
+        ratios = [b / a for a, b in itertools.pairwise(history)]
+        assert all(math.isclose(r, coef) or math.isclose(r, 1 / coef) for r in ratios)
+        needed = math.ceil(abs(math.log(initial_stddev / fixed_point)) / math.log(coef))
+        toward = 1 / coef if initial_stddev > fixed_point else coef
+        assert all(math.isclose(r, toward) for r in ratios[: needed - 1])
+        # ... then it alternates within one step of the fixed point
+        tail = history[needed + 1 :]
+        assert all(fixed_point / coef <= s <= fixed_point * coef for s in tail)
+        assert all(not math.isclose(r1, r2) for r1, r2 in itertools.pairwise(ratios[needed:]))
 
     def test_perturb_skips_layer_norm_and_scales_linear(self) -> None:
         with torch.random.fork_rng(devices=[]):
@@ -587,8 +611,17 @@ class TestExplorerParamNoise:
             ex.adapt(actor, obs_batch(8), 0)
             assert "explore/param_distance" not in ex.metrics(0)
 
+    @pytest.mark.parametrize(
+        ("coef", "steps", "tail"),
+        [
+            pytest.param(1.1, 300, 150, id="fast"),
+            pytest.param(1.05, 600, 200, id="long", marks=pytest.mark.slow),
+        ],
+    )
     @pytest.mark.parametrize("initial_stddev", [1.0, 1e-3])
-    def test_adaptation_converges_to_target_distance(self, initial_stddev: float) -> None:
+    def test_adaptation_converges_to_target_distance(
+        self, initial_stddev: float, coef: float, steps: int, tail: int
+    ) -> None:
         target = 0.1
         actor = make_actor(seed=0)
         ex = make_explorer(
@@ -597,16 +630,17 @@ class TestExplorerParamNoise:
             noise={
                 "sigma": target,
                 "initial_stddev": initial_stddev,
-                "adaptation_coef": 1.05,
+                "adaptation_coef": coef,
                 "adapt_every": 1,
             },
         )
         assert ex.param_noise is not None
         obs = obs_batch(256)
-        distances = []
-        for step in range(600):
+        distances, stddevs = [], []
+        for step in range(steps):
             ex.adapt(actor, obs, step)
             distances.append(ex.metrics(step)["explore/param_distance"])
+            stddevs.append(ex.param_noise.stddev)
         stddev = ex.param_noise.stddev
         # it moved far, in the right direction, from a bad start ...
         if initial_stddev > 0.1:
@@ -614,10 +648,13 @@ class TestExplorerParamNoise:
         else:
             assert stddev > initial_stddev * 5
         # ... and the distance now sits at the target (median: the fixed point of x/÷)
-        assert np.median(distances[-200:]) == pytest.approx(target, rel=0.2)
-        # and a fresh perturbation at that stddev gives about the target distance
+        assert np.median(distances[-tail:]) == pytest.approx(target, rel=0.2)
+        # and a fresh perturbation at the stddev it settled at gives about the target
+        # distance (the tail median: the last value is wherever the x/÷ walk happens to be)
+        settled = float(np.median(stddevs[-tail:]))
+        assert stddev == pytest.approx(settled, rel=0.5)
         pn = AdaptiveParamNoise(
-            initial_stddev=stddev, adaptation_coef=1.05, generator=torch.Generator()
+            initial_stddev=settled, adaptation_coef=coef, generator=torch.Generator()
         )
         copy_ = make_actor(seed=5)
         fresh = []
@@ -626,22 +663,69 @@ class TestExplorerParamNoise:
             fresh.append(pn.distance(actor, copy_, obs))
         assert np.median(fresh) == pytest.approx(target, rel=0.3)
 
-    def test_adaptation_target_follows_sigma_schedule(self) -> None:
+    def test_adaptation_tracks_sigma_schedule_on_a_fake_distance(self) -> None:
+        # the Explorer's wiring of the rule: with distance = 5 * stddev exactly, stddev
+        # must stay within two x/÷ steps of sigma(step) / 5 once it has caught up
+        coef, total = 1.1, 400
         actor = make_actor(seed=0)
         ex = make_explorer(
             "param",
             actor=actor,
-            total_steps=1000,
-            noise={"sigma": 0.2, "adaptation_coef": 1.05, "adapt_every": 1},
+            total_steps=total,
+            noise={"sigma": 0.2, "adaptation_coef": coef, "adapt_every": 1},
             schedule={"kind": "linear", "end": 0.02, "duration": 1.0},
         )
-        obs = obs_batch(256)
-        for step in range(1000):
+        pn = ex.param_noise
+        assert pn is not None
+        seen = []
+
+        def fake_distance(actor_: nn.Module, perturbed: nn.Module, obs: torch.Tensor) -> float:
+            seen.append(pn.stddev)  # measured at the stddev the copy was perturbed with
+            return 5.0 * pn.stddev
+
+        pn.distance = fake_distance  # type: ignore[method-assign]
+        obs = obs_batch(4)
+        for step in range(total):
+            before = pn.stddev
             ex.adapt(actor, obs, step)
-            if step == 400:
+            assert seen[-1] == before
+            wanted = ex.sigma(step) / 5.0
+            assert pn.stddev == pytest.approx(
+                before / coef if 5 * before > ex.sigma(step) else before * coef
+            )
+            if step >= 60:  # caught up: the target moves <= 2.3% a step, the rule 10%
+                assert wanted / coef**2 <= pn.stddev <= wanted * coef**2, step
+            assert ex.metrics(step)["explore/param_distance"] == 5.0 * before
+        assert len(seen) == total
+
+    @pytest.mark.parametrize(
+        ("coef", "total"),
+        [
+            pytest.param(1.1, 200, id="fast"),
+            pytest.param(1.05, 1000, id="long", marks=pytest.mark.slow),
+        ],
+    )
+    def test_adaptation_target_follows_sigma_schedule(self, coef: float, total: int) -> None:
+        actor = make_actor(seed=0)
+        ex = make_explorer(
+            "param",
+            actor=actor,
+            total_steps=total,
+            noise={"sigma": 0.2, "adaptation_coef": coef, "adapt_every": 1},
+            schedule={"kind": "linear", "end": 0.02, "duration": 1.0},
+        )
+        assert ex.param_noise is not None
+        obs = obs_batch(256)
+        ratios = []
+        for step in range(total):
+            ex.adapt(actor, obs, step)
+            ratios.append(ex.metrics(step)["explore/param_distance"] / ex.sigma(step))
+            if step == total * 2 // 5:
                 early = ex.param_noise.stddev
         late = ex.param_noise.stddev
         assert late < early / 2  # target dropped from ~0.13 to ~0.02
+        # and the measured distance follows the moving target over the second half
+        assert np.median(ratios[total // 2 :]) == pytest.approx(1.0, rel=0.2)
 
 
 @pytest.mark.parametrize("kind", ["gaussian", "ou", "param", "none"])

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from artifact_checks import pixels_of, read_png
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -197,6 +198,7 @@ def test_null_tracker_keeps_everything_in_memory(tmp_path):
     assert t.params == {"agent.tau": 0.005}
     assert t.tags["seed"] == "0" and t.tags["best"] == "3"
     assert t.artifacts == ["f.txt", "extra/f.txt", "policy/sub/w.pt", "config.yaml"]
+    assert t.texts == {"config.yaml": "a: 1\n"}
     assert (t.status, t.reason) == ("FAILED", "diverged")
     with pytest.raises(ValueError, match="metric key"):
         t.log_metrics({"bad key!": 1.0}, step=0)
@@ -334,7 +336,11 @@ def test_run_round_trip(shared, tmp_path):
     local = t.artifact_dir()
     assert local is not None and local.is_relative_to(artifact_root.resolve())
     assert (local / "checkpoints" / "actor.pt").read_bytes() == b"\x00" * 100
-    assert (local / "learning_curve.png").stat().st_size > 1000
+    assert (local / "checkpoints" / "critic.pt").read_bytes() == b"\x01" * 100
+    assert (local / "video" / "video.mp4").read_bytes() == b"v"
+    assert (local / "config.yaml").read_text() == "agent:\n  tau: 0.005\n"
+    png = read_png(local / "learning_curve.png", (700, 400))  # the figure, 7 x 4 in at 100 dpi
+    assert pixels_of(png, "tab:blue") > 100  # its eval line
     assert t.artifact_uri == run.info.artifact_uri
 
 

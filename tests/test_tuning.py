@@ -1,5 +1,7 @@
 """Studies end to end with tiny runs: pruning, failures, workers, resume, kill -9, export."""
 
+import csv
+import json
 import os
 import shutil
 import signal
@@ -11,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from artifact_checks import read_png
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState, create_trial
 from tuning_helpers import tiny_spec, write_spec
@@ -145,7 +148,32 @@ def test_two_workers_share_a_study_resume_adds_trials_and_the_preset_reproduces(
     best = client.get_metric_history(parent, "study/best_value")
     assert sorted(m.step for m in best) == [0, 1, 2, 3]
     files = {a.path for a in client.list_artifacts(parent, "report")}
-    assert {"report/trials.csv", "report/optimization_history.png"} <= files
+    assert {"report/trials.csv", "report/summary.json", "report/optimization_history.png"} <= files
+    # the logged report is of all four trials: the table, the summary and the history plot
+    report = Path(client.download_artifacts(parent, "report", str(tmp_path / "dl")))
+    with (report / "trials.csv").open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [int(r["number"]) for r in table] == [0, 1, 2, 3]
+    for row in table:
+        trial = study.trials[int(row["number"])]
+        state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}[trial.state]
+        assert row["state"] == state
+        if trial.state == TrialState.COMPLETE:
+            assert float(row["value"]) == pytest.approx(trial.value)
+        assert float(row["params_agent.tau"]) == pytest.approx(trial.params["agent.tau"])
+        assert row["params_noise"] == trial.params["noise"]
+    best_trial = max(
+        (t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.value
+    )
+    summary = json.loads((report / "summary.json").read_text())
+    assert (summary["study"], summary["n_trials"]) == ("tiny", 4)
+    assert summary["best_trial"] == best_trial.number
+    assert summary["best_value"] == pytest.approx(best_trial.value)
+    assert summary["best_params"].keys() == best_trial.params.keys()
+    assert summary["best_params"]["agent.tau"] == pytest.approx(best_trial.params["agent.tau"])
+    assert summary["best_params"]["noise"] == best_trial.params["noise"]
+    assert client.get_run(parent).data.tags["workbench.best_trial"] == str(best_trial.number)
+    read_png(report / "optimization_history.png", (1000, 600))  # widened to 10 x 6 inches
     capsys.readouterr()
 
     # export through study-report, into a copy of the config tree, and compose it back
@@ -158,9 +186,6 @@ def test_two_workers_share_a_study_resume_adds_trials_and_the_preset_reproduces(
     assert "best: trial" in out and "top 4 trials" in out
     preset = conf / "experiment" / "tiny_best.yaml"
     assert preset.is_file()
-    best_trial = max(
-        (t for t in study.trials if t.state == TrialState.COMPLETE), key=lambda t: t.value
-    )
     want = compose(trial_overrides(spec, best_trial))
     got = compose(["+experiment=tiny_best"])
     for section in ("env", "agent", "noise", "schedule", "epsilon", "eval"):
