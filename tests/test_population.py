@@ -170,3 +170,27 @@ def test_members_that_differ_in_shape_are_refused_naming_the_member():
         ConfigError, match=r"member 1: agent\.critic_hidden=\[8\]: must be member 0"
     ):
         train_population(members)
+
+
+def test_an_ended_slot_is_refilled_and_the_newcomer_trains_as_alone():
+    """A study keeps its population full: when a member ends, the next takes its slot. The
+    newcomer starts from its own initial values (nothing of the old member's weights or Adam
+    moments leaks into it) and again trains exactly as its single run."""
+    from workbench.config import compose
+    from workbench.train import Member, train, train_population
+
+    first = [compose([*TINY, "seed=0", "total_steps=400"]), compose([*TINY, "seed=1"])]
+    later = [compose([*TINY, "seed=2", "agent.tau=0.02"]), compose([*TINY, "seed=3"])]
+    queue = list(later)
+    ended = []
+
+    def refill(member, result):
+        ended.append((member.cfg.seed, result.status if result else None))
+        return Member(queue.pop(0)) if queue else None
+
+    results = train_population([Member(c) for c in first], refill=refill)
+    assert [r.status for r in results] == ["FINISHED"] * 4
+    # seed 0 ends at step 400 and seed 2 takes its slot; seed 1 ends at 1200, then seed 3
+    assert ended == [(0, "FINISHED"), (1, "FINISHED"), (2, "FINISHED"), (3, "FINISHED")]
+    for cfg, result in zip(first + later, results, strict=True):
+        assert result.eval_returns == train(cfg).eval_returns, cfg.seed

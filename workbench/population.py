@@ -280,9 +280,24 @@ class Population:
         self.gamma = torch.tensor([[a.cfg.gamma] for a in agents], device=device)
         self._check_views(agents)
 
-    def _check_views(self, agents: Sequence[DDPG]) -> None:
+    def replace(self, k: int, agent: DDPG) -> None:
+        """Put a new member in slot ``k`` (a finished or pruned member's): its values are
+        copied into the slot's rows, and from then on it trains there."""
+        first = self.agents[0] if k else self.agents[-1]
+        for key in (key for key in SHAPE_KEYS if key.startswith("agent.")):
+            name = key.split(".")[1]
+            if getattr(agent.cfg, name) != getattr(first.cfg, name):
+                raise ValueError(f"slot {k}: {key} differs from the population's")
+        if not agent.fused or agent.compiled:
+            raise ValueError(f"slot {k}: a population needs the fused update, not compiled")
+        agent.rehome({name: rows[k] for name, rows in self.storage.items()})
+        self.agents[k] = agent
+        self.gamma[k, 0] = agent.cfg.gamma
+        self._check_views([agent], offset=k)
+
+    def _check_views(self, agents: Sequence[DDPG], offset: int = 0) -> None:
         """Every member's parameters are views of its row (what rehome promised)."""
-        for k, agent in enumerate(agents):
+        for k, agent in enumerate(agents, start=offset):
             views = flat_views(self.storage["actor_flat"][k], agent.actor)
             assert all(
                 p.data_ptr() == v.data_ptr()

@@ -20,7 +20,7 @@ import math
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -189,8 +189,16 @@ class Member:
     error: BaseException | None = None  # what ended the run, if not finishing
 
 
-def train_population(members: Sequence[Member]) -> list[RunResult]:
+Refill = Callable[[Member, RunResult | None], Member | None]
+
+
+def train_population(members: Sequence[Member], *, refill: Refill | None = None) -> list[RunResult]:
     """Train K runs of one shape as one program: the same loop, one batched update.
+
+    ``refill(ended, result)`` is called when a member's run ends (``result`` None when it
+    could not even start: ``ended.error`` says why); a Member it returns takes the ended
+    one's slot (its values copied into the slot's rows), so the population stays full (a
+    study's next trial). Results are returned for every run, in the order they started.
 
     Every member is its own run (own tracker, hooks, seed, values); an error or a hook's
     ``StopRun`` ends that member alone (its ``error`` says why) and the others go on.
@@ -201,21 +209,30 @@ def train_population(members: Sequence[Member]) -> list[RunResult]:
     from workbench.population import check_members
 
     check_members([m.cfg for m in members])
-    return _train(list(members), handle_signals=False)
+    return _train(list(members), handle_signals=False, refill=refill)
 
 
-def _train(members: list[Member], *, handle_signals: bool) -> list[RunResult]:
-    runs: list[_Run] = []
+def _train(
+    members: list[Member], *, handle_signals: bool, refill: Refill | None = None
+) -> list[RunResult]:
+    runs: list[_Run] = []  # every run started, in order
     interrupts = Interrupts(handle_signals and len(members) == 1)
     try:
         for k, member in enumerate(members):
             runs.append(_Run.open(k, member, len(members)))  # bad input fails here, run by run
-        for run in runs:
+        slots = list(runs)
+        for run in slots:
             with run.guard():
                 run.build(interrupts)
-        learner = _learner(runs)
+        learner = _learner(slots)
+        refill_slots = None
+        if refill is not None:
+
+            def refill_slots() -> None:
+                _refill(slots, runs, learner, refill, interrupts)
+
         with interrupts:
-            _loop(runs, learner)
+            _loop(slots, learner, refill_slots)
     except KeyboardInterrupt as err:
         for run in runs:
             if run.running:
@@ -227,6 +244,44 @@ def _train(members: list[Member], *, handle_signals: bool) -> list[RunResult]:
     return [run.result for run in runs]
 
 
+def _refill(
+    slots: list[_Run], runs: list[_Run], learner: Any, refill: Refill, interrupts: Interrupts
+) -> bool:
+    """Give each ended slot the member ``refill`` returns; whether any slot was refilled.
+
+    A member whose config cannot join (another shape, a bad value) or whose run fails to
+    start is handed back to ``refill`` as ended, with no result, and the slot asks again.
+    """
+    from workbench.population import check_members
+
+    refilled = False
+    for k, ended in enumerate(slots):
+        if ended.running or ended.refilled:
+            continue
+        ended.refilled = True
+        member = refill(ended.member, ended.result)
+        while member is not None:
+            try:
+                check_members([runs[0].cfg, member.cfg])
+                run = _Run.open(k, member, len(slots))
+            except Exception as err:
+                member.error = err
+                member = refill(member, None)
+                continue
+            runs.append(run)
+            with run.guard():
+                run.build(interrupts)
+                if learner is not None:
+                    learner.replace(k, run.agent)
+            if run.running:
+                slots[k] = run
+                refilled = True
+                break
+            run.refilled = True
+            member = refill(member, run.result)
+    return refilled
+
+
 def _learner(runs: Sequence[_Run]) -> Any:
     """The batched update over the members (None for one run: its agent updates itself)."""
     if len(runs) == 1:
@@ -236,8 +291,9 @@ def _learner(runs: Sequence[_Run]) -> Any:
     return Population([run.agent for run in runs])
 
 
-def _loop(runs: Sequence[_Run], learner: Any) -> None:
-    """Collect, store, update, report, evaluate, checkpoint: every member, step by step."""
+def _loop(runs: Sequence[_Run], learner: Any, refill: Callable[[], None] | None = None) -> None:
+    """Collect, store, update, report, evaluate, checkpoint: every member, step by step.
+    A slot whose run ended is refilled at the end of the step (``refill``), if asked."""
     single = learner is None
     while live := [r for r in runs if r.running]:
         actions = _act(live, learner)
@@ -254,6 +310,8 @@ def _loop(runs: Sequence[_Run], learner: Any) -> None:
             with run.guard():
                 if run.running:
                     run.after_step()
+        if refill is not None and any(not r.running and not r.refilled for r in runs):
+            refill()
 
 
 def _act(live: Sequence[_Run], learner: Any) -> dict[int, np.ndarray]:
@@ -318,6 +376,7 @@ class _Run:
     resume_state: Mapping[str, Any] | None
     t_start: float = field(default_factory=time.perf_counter)
     running: bool = False
+    refilled: bool = False  # its slot has been handed on
     ending: Ending = field(default_factory=Ending)
     checkpointer: Checkpointer | None = None
     obs: np.ndarray = field(default_factory=lambda: np.zeros(0))
