@@ -283,3 +283,62 @@ def test_trials_that_break_for_other_reasons_do_not_count_and_stop_the_worker(
     assert len(trials) == MAX_CONSECUTIVE_ERRORS
     assert all(t.state == TrialState.FAIL and not counts(t) for t in trials)
     assert all("RuntimeError: simulator crashed" in t.user_attrs[ERROR_ATTR] for t in trials)
+
+
+# --------------------------------------------------------------------------- populations
+
+
+def test_a_population_study_refills_slots_as_trials_fail_or_finish(tmp_path):
+    """tune --population 2: trials run two at a time; a diverging trial fails (counted) and
+    the next takes its slot; the study ends at exactly n_trials, each trial with its runs."""
+    space = {"agent.critic_lr": {"type": "categorical", "choices": [0.001, 1.0e30]}}
+    spec = _spec(tmp_path, space=space, n_trials=4, sampler={"name": "random", "seed": 1})
+    study, _ = prepare(spec)
+    study.enqueue_trial({"agent.critic_lr": 1.0e30})
+    for _ in range(3):
+        study.enqueue_trial({"agent.critic_lr": 0.001})
+    out = run_study(spec, population=2)
+    trials = out.study.trials
+    assert [t.state for t in trials] == [TrialState.FAIL] + [TrialState.COMPLETE] * 3
+    assert "DivergenceError" in trials[0].user_attrs[FAIL_REASON]
+    assert sum(counts(t) for t in trials) == 4
+    runs = {r.info.run_name: r for r in _runs(tmp_path, "study-tiny")}
+    assert runs["trial-0000"].data.tags["workbench.trial_state"] == "failed"
+    for n in (1, 2, 3):
+        assert runs[f"trial-{n:04d}"].data.tags["workbench.trial_state"] == "complete"
+        seed_run = runs[f"trial-{n:04d}-s0"]
+        assert seed_run.info.status == "FINISHED"
+        assert seed_run.data.tags["mlflow.parentRunId"] == runs[f"trial-{n:04d}"].info.run_id
+        assert "eval/final_return_mean" in seed_run.data.metrics
+    assert runs["study-tiny"].info.status == "FINISHED"
+    # the same values give the same score as in a sequential study (bit for bit on a CPU)
+    assert trials[1].value == trials[2].value == trials[3].value
+
+
+def test_a_population_study_prunes_and_refills(tmp_path):
+    spec = _spec(tmp_path, pruner={"name": "median", "n_startup_trials": 1}, n_trials=4)
+    study, _ = prepare(spec)
+    dist = {"agent.tau": optuna.distributions.FloatDistribution(0.001, 0.05, log=True)}
+    study.add_trial(
+        create_trial(
+            value=0.0,
+            params={"agent.tau": 0.01},
+            distributions=dist,
+            intermediate_values={s: 0.0 for s in (100, 200, 300, 400)},
+        )
+    )
+    out = run_study(spec, population=2)
+    trials = out.study.trials
+    assert [t.state for t in trials[1:]] == [TrialState.PRUNED] * 3  # two slots, three trials
+    assert all(t.user_attrs[PRUNE_REASON].startswith("pruned at step 100") for t in trials[1:])
+    runs = {r.info.run_name: r for r in _runs(tmp_path, "study-tiny")}
+    assert {runs[f"trial-{n:04d}"].info.status for n in (1, 2, 3)} == {"KILLED"}
+
+
+def test_population_refuses_a_search_over_shapes(tmp_path):
+    from workbench.specfile import SpecError
+    from workbench.tuning.population import check_population
+
+    space = {"agent.actor_hidden": {"type": "categorical", "choices": [[16], [32]]}}
+    with pytest.raises(SpecError, match=r"space\.agent\.actor_hidden.*sets tensor shapes"):
+        check_population(_spec(tmp_path, space=space), source="tiny")

@@ -725,13 +725,23 @@ class _Run:
             self.tracker.set_tags({CHECKPOINT_DIR_TAG: "(deleted: the run finished)"})
         self.tracker.end(status, reason)
         self.result.status, self.result.reason = status, reason
+        self._record_result()  # complete when refill() reads it
 
     def close(self) -> None:
         """Fill in the result, close the envs, release (or remove) the checkpoint folder."""
-        result, state, perf = self.result, self.state, self.result.perf
         if self.running:  # never started its loop: a failure while building the others
             self._end("FAILED", "another member of its population failed to start")
         self.display.close()
+        self._record_result()
+        self.envs.close()
+        self.eval_env.close()
+        if self.result.status == "FINISHED" and not self.cfg.checkpoint.keep_after_finish:
+            self.ckpt_lock.remove_folder()  # only this run's folder: nothing is left to resume
+        else:
+            self.ckpt_lock.release()  # an unfinished run keeps its checkpoints to resume
+
+    def _record_result(self) -> None:
+        result, state, perf = self.result, self.state, self.result.perf
         result.steps, result.wall_time_s = state.step, time.perf_counter() - self.t_start
         result.eval_steps, result.eval_returns = state.eval_steps, state.eval_returns
         result.eval_stds = state.eval_stds
@@ -744,12 +754,6 @@ class _Run:
             perf["final_eval_s"] = self.evaluator.seconds["final"]
         if self.checkpointer is not None and self.checkpointer.seconds:
             perf["checkpoint_s"] = self.checkpointer.seconds
-        self.envs.close()
-        self.eval_env.close()
-        if result.status == "FINISHED" and not self.cfg.checkpoint.keep_after_finish:
-            self.ckpt_lock.remove_folder()  # only this run's folder: nothing is left to resume
-        else:
-            self.ckpt_lock.release()  # an unfinished run keeps its checkpoints to resume
 
 
 def _crossed(prev: int, now: int, every: int) -> bool:

@@ -84,6 +84,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tune", help="run, resume or join an Optuna study: workbench tune SPEC")
     p.add_argument("spec", type=Path, help="study spec, e.g. studies/pendulum_ddpg.yaml")
     p.add_argument("--workers", type=_positive(int, 1), default=1, help="local worker processes")
+    p.add_argument(
+        "--population",
+        type=_positive(int, 1),
+        default=1,
+        metavar="K",
+        help="each worker trains K trials at once as one population (default 1)",
+    )
     p.add_argument("--trials", type=_positive(int, 1), default=None, help="override n_trials")
     p.add_argument("--timeout", type=_positive(float, 1e-9), default=None, help="seconds")
     p.add_argument("--storage", default=None, help="Optuna storage URL (postgresql://...)")
@@ -163,6 +170,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
         return _finish(study, spec, target, args, codes=[0])
     try:
         _preflight(spec, args.spec, args.storage)
+        if args.population > 1:
+            from workbench.tuning.population import check_population
+
+            check_population(spec, source=str(args.spec))
         outcome = run_study(
             spec,
             workers=args.workers,
@@ -171,6 +182,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             first_worker=args.first_worker,
             report_dir=args.out,
+            population=args.population,
         )
     except TrackingError as err:
         print(f"workbench: {err}", file=sys.stderr)

@@ -88,6 +88,7 @@ class WorkerContext:
     worker_index: int
     n_trials: int | None
     deadline: float | None  # time.time() after which no trial starts
+    population: int = 1  # trials trained at once, as one population (tune --population)
 
 
 class StudyMetrics:
@@ -151,6 +152,20 @@ def run_worker(ctx: WorkerContext) -> int:
     objective = Objective(spec, parent_run_id=ctx.parent_run_id, n_trials=ctx.n_trials)
     parent = runs.parent_logger(uri, ctx.parent_run_id) if uri and ctx.parent_run_id else None
     callback = StudyMetrics(parent, spec.objective.direction)
+    if ctx.population > 1:
+        from workbench.tuning.population import PopulationWorker
+
+        worker = PopulationWorker(
+            study, objective, ctx.population, deadline=ctx.deadline, on_trial_end=callback
+        )
+        worker.run()
+        if worker.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
+            raise StudyError(
+                f"{worker.consecutive_errors} trials in a row broke for reasons unrelated to "
+                f"their parameters (last: {worker.last_error}); fix that and run the same "
+                "command to resume"
+            )
+        return 0
     poll_s = min(5.0, spec.grace_period / 4)
     while True:
         with warnings.catch_warnings():
@@ -262,8 +277,11 @@ def run_study(
     timeout: float | None = None,
     first_worker: int = 0,
     report_dir: Path | None = None,
+    population: int = 1,
 ) -> Outcome:
-    """Run (or resume, or join) a study with ``workers`` local processes, then report."""
+    """Run (or resume, or join) a study with ``workers`` local processes, then report.
+
+    ``population``: each worker trains that many trials at once as one population."""
     from workbench.tuning import report
 
     if workers < 1:
@@ -301,7 +319,13 @@ def run_study(
     deadline = time.time() + timeout if timeout is not None else None
     contexts = [
         WorkerContext(
-            spec, target, parent.run_id if parent else None, first_worker + i, n_trials, deadline
+            spec,
+            target,
+            parent.run_id if parent else None,
+            first_worker + i,
+            n_trials,
+            deadline,
+            population,
         )
         for i in range(workers)
     ]
