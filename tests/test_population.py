@@ -194,3 +194,18 @@ def test_an_ended_slot_is_refilled_and_the_newcomer_trains_as_alone():
     assert ended == [(0, "FINISHED"), (1, "FINISHED"), (2, "FINISHED"), (3, "FINISHED")]
     for cfg, result in zip(first + later, results, strict=True):
         assert result.eval_returns == train(cfg).eval_returns, cfg.seed
+
+
+def test_learning_check_compares_a_population_with_single_runs(tmp_path, monkeypatch, capsys):
+    import json
+
+    from workbench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    args = ["learning-check", "--population", "2", "--workers", "2", "--target", "-5000"]
+    small = ["total_steps=600", "eval.every=300", *TINY[1:3], "eval.episodes=2", "tracking=none"]
+    assert main([*args, *small, "eval.video=false"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["seed"] for r in out["population"]["seeds"]] == [0, 1]
+    assert out["population"]["final_returns"] == out["final_returns"]  # bit for bit
+    assert out["population_iqm_within_ci"] and out["population_equals_single_runs"]
