@@ -131,3 +131,14 @@ def test_a_training_run_tracks_to_postgres(tmp_path, monkeypatch, postgres_url):
         200,
         400,
     ]
+
+
+def test_population_workers_share_a_postgres_study(tmp_path, postgres_url):
+    """tune --workers 2 --population 2: two processes, two trials at a time each."""
+    spec = parse_spec(yaml.safe_dump(tiny_spec(tmp_path, name="pgpop", n_trials=5)))
+    out = run_study(spec, workers=2, storage=postgres_url, population=2)
+    assert out.exit_codes == [0, 0]
+    storage = make_storage(postgres_url, heartbeat_interval=10, grace_period=60)
+    study = optuna.load_study(study_name="pgpop", storage=storage)
+    assert sum(counts(t) for t in study.trials) == 5
+    assert not [t for t in study.trials if t.state == TrialState.RUNNING]

@@ -89,9 +89,28 @@ class PopulationWorker:
         self.last_error = ""
 
     def run(self) -> list[RunResult]:
-        first = [m for m in (self._next() for _ in range(self.k)) if m is not None]
-        if not first:
-            return []
+        """Populations until the study has its count: when this worker's slots have all
+        closed while other workers' trials still run, it waits, as a sequential worker does,
+        in case one of them dies and its trial is handed back (heartbeat)."""
+        results: list[RunResult] = []
+        poll_s = min(5.0, self.spec.grace_period / 4)
+        while True:
+            first = [m for m in (self._next() for _ in range(self.k)) if m is not None]
+            if first:
+                results += self._train(first)
+            if self.consecutive_errors >= 3:
+                return results
+            if self.deadline is not None and time.time() >= self.deadline:
+                return results
+            done, running, _ = progress(self.study)
+            n = self.objective.n_trials
+            if n is None or done >= n or not running:
+                if n is None or done >= n:
+                    return results
+                continue  # trials are missing and none runs: start them
+            time.sleep(poll_s)
+
+    def _train(self, first: list[Member]) -> list[RunResult]:
         try:
             return train_population(first, refill=self._refill)
         except BaseException:  # Ctrl-C: the trials in flight end, not counted
@@ -99,6 +118,7 @@ class PopulationWorker:
                 t.tracker.set_tags({TRIAL_STATE_TAG: "interrupted"})
                 t.tracker.end("KILLED", "interrupted")
                 self._tell(t.trial, TrialState.FAIL, t.heartbeat)
+            self.slots.clear()
             raise
 
     # ----------------------------------------------------------------------------- asking
