@@ -285,3 +285,133 @@ def test_ctrl_c_checkpoints_every_run_and_a_rerun_continues_them(tmp_path):
     assert set(again) == {r.info.run_id for r in children}  # the same two runs, continued
     for run in again.values():
         assert run.info.status == "FINISHED" and "workbench.resumed_at_step" in run.data.tags
+
+
+def _tau(tmp_path, name: str) -> object:
+    """Two variants that differ only in a per-member value (tau), x 2 seeds."""
+    return load_spec(
+        _spec(
+            tmp_path,
+            f"""
+            name: {name}
+            base: {TINY}
+            steps: 400
+            seeds: [0, 1]
+            baseline: slow
+            variants:
+              slow: [agent.tau=0.005]
+              fast: [agent.tau=0.05]
+            tracking:
+              dir: {tmp_path / "mlruns"}
+            """,
+            name=f"{name}.yaml",
+        )
+    )
+
+
+def _children(client, experiment):
+    exp = client.get_experiment_by_name(experiment)
+    return [
+        r
+        for r in client.search_runs([exp.experiment_id])
+        if r.data.tags.get("workbench.role") == "child"
+    ]
+
+
+def test_population_ablation_equals_the_sequential_one_and_is_reused(tmp_path, capfd):
+    """``--population 4``: the four cells train as one population, each its own FINISHED
+    child run with the usual tags, the same final scores as the cells run one by one (on a
+    CPU, bit for bit), and a re-run reuses them all."""
+    from workbench.ablation import group_jobs, plan
+
+    spec = _tau(tmp_path, "pop")
+    assert [len(u) for u in group_jobs(plan(spec), 4)] == [4]
+    result = run_ablation(spec, workers=2, population=4, out_dir=tmp_path / "pop")
+    assert (result.ran, result.skipped, result.failed) == (4, 0, [])
+    assert "training 4 runs as one population" in capfd.readouterr().err
+    assert (tmp_path / "pop" / "report.md").stat().st_size > 0
+    client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
+    children = _children(client, "ablation-pop")
+    assert len(children) == 4
+    parent = {r.data.tags["mlflow.parentRunId"] for r in children}
+    assert parent == {result.parent_run_id}
+    pop = {}
+    for run in children:
+        tags = run.data.tags
+        assert run.info.status == "FINISHED"
+        assert tags["workbench.ablation"] == "pop"
+        assert tags["mlflow.runName"] == f"{tags['workbench.variant']}-s{tags['workbench.seed']}"
+        pop[tags["workbench.variant"], tags["workbench.seed"]] = run.data.metrics[
+            "eval/final_return_mean"
+        ]
+
+    seq = run_ablation(_tau(tmp_path, "seq"), workers=1, out_dir=tmp_path / "seq")
+    assert (seq.ran, seq.failed) == (4, [])
+    one_by_one = {
+        (r.data.tags["workbench.variant"], r.data.tags["workbench.seed"]): r.data.metrics[
+            "eval/final_return_mean"
+        ]
+        for r in _children(client, "ablation-seq")
+    }
+    assert pop == one_by_one  # bit for bit
+    assert {v: sorted(s) for v, s in result.scores.items()} == {
+        v: sorted(s) for v, s in seq.scores.items()
+    }
+
+    again = run_ablation(spec, workers=2, population=4, out_dir=tmp_path / "pop")
+    assert (again.ran, again.skipped, again.failed) == (0, 4, [])
+    assert len(_children(client, "ablation-pop")) == 4
+
+
+def test_group_jobs_splits_by_shape_and_chunks_by_size():
+    """Fresh jobs that share every SHAPE_KEYS value and can be batched go together, in
+    chunks of at most K; another shape is another population; a job that cannot be batched
+    or continues a checkpoint runs alone; K=1 is one run at a time."""
+    import dataclasses
+
+    from workbench.ablation import AblationSpec, group_jobs, plan
+
+    spec = AblationSpec(
+        "g",
+        ["env=pendulum", "agent.batch_size=32"],
+        "a",
+        {
+            "a": [],
+            "b": ["agent.tau=0.05", "agent.gamma=0.9"],
+            "wide": ["agent.critic_hidden=[32,32]"],
+            "ln": ["agent.layer_norm=true"],
+            "c": ["agent.actor_lr=0.01"],
+        },
+        [0, 1],
+        experiment="g",
+    )
+    jobs = plan(spec)
+
+    def names(units):
+        return [[f"{j.variant}{j.seed}" for j in unit] for unit in units]
+
+    assert names(group_jobs(jobs, 6)) == [
+        ["a0", "a1", "b0", "b1", "c0", "c1"],
+        ["wide0", "wide1"],
+        ["ln0"],
+        ["ln1"],
+    ]
+    assert names(group_jobs(jobs, 4)) == [
+        ["a0", "a1", "b0"],
+        ["b1", "c0", "c1"],
+        ["wide0", "wide1"],
+        ["ln0"],
+        ["ln1"],
+    ]
+    resumed = [dataclasses.replace(jobs[0], resume="run"), *jobs[1:4]]
+    assert names(group_jobs(resumed, 4)) == [["a0"], ["a1", "b0", "b1"]]
+    assert names(group_jobs(jobs, 1)) == [[f"{j.variant}{j.seed}"] for j in jobs]
+    with pytest.raises(ValueError, match="population=0"):
+        group_jobs(jobs, 0)
+
+
+def test_cli_ablate_rejects_a_population_below_one(tmp_path, capsys):
+    from workbench.cli import main
+
+    assert main(["ablate", str(tmp_path / "spec.yaml"), "--population", "0"]) == 2
+    assert "--population=0: must be >= 1" in capsys.readouterr().err

@@ -6,12 +6,17 @@ variant x seed as a child of one parent MLflow run, skipping runs already FINISH
 (same config hash and seed, so a re-run resumes and redoes only failed or killed ones), then
 reports IQM, bootstrap CIs, probability of improvement and Mann-Whitney U against the
 baseline: in the terminal, as markdown + CSV, and as figures on the parent run.
+
+``--population K`` trains fresh variant x seed runs that share every ``population.SHAPE_KEYS``
+value as populations of up to K (``train_population``: one program, one batched update);
+each member is the very child run, with the very floats on a CPU, that it would be alone.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import logging
 import math
 from collections.abc import Sequence
@@ -25,11 +30,19 @@ from rich.table import Table
 
 from workbench import stats
 from workbench.checkpoint import CheckpointError, prepare_resume
-from workbench.config import ConfigError, TrackingConfig, compose, config_hash
+from workbench.config import (
+    Config,
+    ConfigError,
+    TrackingConfig,
+    compose,
+    config_hash,
+    get_key,
+)
 from workbench.specfile import Problems, compose_error_text, parse_yaml, read_spec_text
 from workbench.tracking import (
     ParentRun,
     RunRecord,
+    Tracker,
     ends_run,
     metric_history,
     probe_store,
@@ -197,52 +210,173 @@ def plan(spec: AblationSpec) -> list[Job]:
     return jobs
 
 
-def run_jobs(jobs: Sequence[Job], ablation: str, parent_run_id: str | None) -> None:
-    """One worker process: its share of the grid, one run after another.
+Unit = tuple[Job, ...]  # what one worker trains at once: one job, or a population of jobs
+
+
+def _batchable(cfg: Config) -> bool:
+    """Whether a run can be a member of a population (``population.check_members``'s rule)."""
+    return cfg.perf.fused_update and not cfg.perf.compile and not cfg.agent.layer_norm
+
+
+def _shape(cfg: Config) -> str:
+    """The values of ``SHAPE_KEYS``, as one comparable key."""
+    from workbench.population import SHAPE_KEYS
+
+    values = {key: get_key(cfg, key) for key in SHAPE_KEYS}
+    return json.dumps(values, sort_keys=True, default=repr)
+
+
+def group_jobs(jobs: Sequence[Job], population: int) -> list[Unit]:
+    """The jobs as units of work: populations of at most ``population`` fresh jobs that share
+    every ``population.SHAPE_KEYS`` value and can be batched, and single jobs for the rest.
+
+    A job that continues a run from its checkpoint (``resume``), or whose config cannot be
+    batched (no fused update, compile, layer norm), is a unit of its own, as is every job
+    when ``population`` is 1. A group larger than ``population`` is split into chunks of
+    near-equal size, in plan order. Units come in plan order of their first job.
+    """
+    from workbench.population import check_members
+
+    if population < 1:
+        raise ValueError(f"population={population}: must be >= 1")
+    if population == 1:
+        return [(job,) for job in jobs]
+    groups: dict[str, list[tuple[Job, Config]]] = {}
+    firsts: dict[str, int] = {}
+    units: list[tuple[tuple[int, int], Unit]] = []
+    for i, job in enumerate(jobs):
+        cfg = compose(list(job.overrides), validate_config=False)
+        if job.resume is not None or not _batchable(cfg):
+            units.append(((i, 0), (job,)))
+            continue
+        key = _shape(cfg)
+        groups.setdefault(key, []).append((job, cfg))
+        firsts.setdefault(key, i)
+    for key, group in groups.items():
+        n = math.ceil(len(group) / population)
+        for j, chunk in enumerate(np.array_split(np.arange(len(group)), n)):
+            members = tuple(group[int(m)][0] for m in chunk)
+            if len(members) > 1:
+                try:  # the rule above is check_members'; a population must pass it too
+                    check_members([group[int(m)][1] for m in chunk])
+                except ConfigError as err:
+                    log.warning("cannot train %s as a population (%s)", _names(members), err)
+                    units += [((firsts[key], j), (m,)) for m in members]
+                    continue
+            units.append(((firsts[key], j), members))
+    units.sort(key=lambda u: u[0])  # plan order; a group's chunks together
+    return [unit for _, unit in units]
+
+
+def _names(jobs: Sequence[Job]) -> str:
+    return ", ".join(f"{j.variant} seed {j.seed}" for j in jobs)
+
+
+def run_jobs(units: Sequence[Unit], ablation: str, parent_run_id: str | None) -> None:
+    """One worker process: its share of the grid, one unit (a run or a population) after
+    another.
 
     A failing run is logged and ends FAILED in MLflow (train() sees to that); the worker
-    goes on with its next job. MLflow is the record of what finished.
+    goes on with its next unit. MLflow is the record of what finished.
     """
     from workbench.logs import setup_logging
-    from workbench.tracking import make_tracker
-    from workbench.train import train
 
     setup_logging()
-    for job in jobs:
-        cfg, state = compose(list(job.overrides)), None
-        if job.resume is not None:
-            try:
-                cfg, state = prepare_resume(compose([*job.overrides, f"resume={job.resume}"]), ())
-            except CheckpointError as err:
-                log.warning(
-                    "%s seed %d: run %s cannot be continued (%s); starting afresh",
-                    job.variant,
-                    job.seed,
-                    job.resume,
-                    err,
-                )
-        tracker = make_tracker(
-            cfg.tracking,
-            run_name=f"{job.variant}-s{job.seed}",
-            parent_run_id=parent_run_id,
-            resume_run_id=cfg.resume,
-        )
-        tags = {ABLATION_TAG: ablation, VARIANT_TAG: job.variant, ROLE_TAG: "child"}
+    for unit in units:
+        if len(unit) == 1:
+            _run_single(unit[0], ablation, parent_run_id)
+        else:
+            _run_population(unit, ablation, parent_run_id)
+
+
+def _child(
+    job: Job, cfg: Config, ablation: str, parent_run_id: str | None
+) -> tuple[Tracker, dict[str, str]]:
+    """The tracker and tags of a job's child run: the same for a single run and a member."""
+    from workbench.tracking import make_tracker
+
+    tracker = make_tracker(
+        cfg.tracking,
+        run_name=f"{job.variant}-s{job.seed}",
+        parent_run_id=parent_run_id,
+        resume_run_id=cfg.resume,
+    )
+    return tracker, {ABLATION_TAG: ablation, VARIANT_TAG: job.variant, ROLE_TAG: "child"}
+
+
+def _run_single(job: Job, ablation: str, parent_run_id: str | None) -> None:
+    from workbench.train import train
+
+    cfg, state = compose(list(job.overrides)), None
+    if job.resume is not None:
         try:
-            # Ctrl-C: a checkpoint at the next episode boundary, then this worker stops
-            train(cfg, tracker, tags=tags, resume_state=state, handle_signals=True)
-        except Exception as err:
-            log.error("%s seed %d failed: %s", job.variant, job.seed, err)
+            cfg, state = prepare_resume(compose([*job.overrides, f"resume={job.resume}"]), ())
+        except CheckpointError as err:
+            log.warning(
+                "%s seed %d: run %s cannot be continued (%s); starting afresh",
+                job.variant,
+                job.seed,
+                job.resume,
+                err,
+            )
+    tracker, tags = _child(job, cfg, ablation, parent_run_id)
+    try:
+        # Ctrl-C: a checkpoint at the next episode boundary, then this worker stops
+        train(cfg, tracker, tags=tags, resume_state=state, handle_signals=True)
+    except Exception as err:
+        log.error("%s seed %d failed: %s", job.variant, job.seed, err)
 
 
-def _run_jobs(jobs: Sequence[Job], ablation: str, parent_run_id: str | None, workers: int) -> None:
-    """The grid over ``workers`` processes (the study runner's pool), round robin."""
+def _run_population(jobs: Unit, ablation: str, parent_run_id: str | None) -> None:
+    """Fresh jobs of one shape as one program; each member is the child run its job would be.
+    Ctrl-C ends every member KILLED (a re-run continues each from its latest checkpoint)."""
+    from workbench.train import Member, train_population
+
+    members = []
+    for job in jobs:
+        cfg = compose(list(job.overrides))
+        tracker, tags = _child(job, cfg, ablation, parent_run_id)
+        members.append(Member(cfg, tracker=tracker, tags=tags))
+    log.info("training %d runs as one population: %s", len(jobs), _names(jobs))
+    try:
+        train_population(members)
+    except Exception as err:  # one of the population as a whole: its runs have ended FAILED
+        log.error("population of %s failed: %s", _names(jobs), err)
+        return
+    for job, member in zip(jobs, members, strict=True):
+        if member.error is not None:
+            log.error("%s seed %d failed: %s", job.variant, job.seed, member.error)
+
+
+def _run_jobs(
+    jobs: Sequence[Job],
+    ablation: str,
+    parent_run_id: str | None,
+    workers: int,
+    population: int = 1,
+) -> None:
+    """The grid over ``workers`` processes (the study runner's pool): the units of
+    ``group_jobs``, each to the worker with the fewest runs so far (round robin when every
+    unit is one run)."""
     from workbench.parallel import run_processes
 
-    k = max(1, min(workers, len(jobs)))
-    shares = [(list(jobs[i::k]), ablation, parent_run_id) for i in range(k)]
-    if jobs:
-        run_processes(run_jobs, shares, name="ablation")
+    units = group_jobs(jobs, population)
+    k = max(1, min(workers, len(units)))
+    if population > 1:
+        log.info(
+            "%d population(s) and %d single run(s) over %d worker process(es)",
+            sum(len(u) > 1 for u in units),
+            sum(len(u) == 1 for u in units),
+            k,
+        )
+    shares: list[list[Unit]] = [[] for _ in range(k)]
+    load = [0] * k
+    for unit in units:
+        w = load.index(min(load))
+        shares[w].append(unit)
+        load[w] += len(unit)
+    if units:
+        run_processes(run_jobs, [(s, ablation, parent_run_id) for s in shares], name="ablation")
 
 
 def _finished_children(uri: str, spec: AblationSpec) -> list[RunRecord]:
@@ -303,9 +437,17 @@ class AblationResult:
 
 
 def run_ablation(
-    spec: AblationSpec, *, workers: int = 1, out_dir: Path | None = None, run: bool = True
+    spec: AblationSpec,
+    *,
+    workers: int = 1,
+    population: int = 1,
+    out_dir: Path | None = None,
+    run: bool = True,
 ) -> AblationResult:
-    """Run what is missing (unless ``run`` is False), then report over what is finished."""
+    """Run what is missing (unless ``run`` is False), then report over what is finished.
+
+    ``population``: train up to that many fresh runs of one shape as one program
+    (``group_jobs``); on a CPU each gives the floats of its run alone."""
     uri = resolve_uri(spec.tracking_uri, spec.tracking_dir)
     # One quick request first: MLflow's own client retries an unreachable server for minutes.
     probe_store(uri, spec.experiment)
@@ -330,16 +472,17 @@ def run_ablation(
         ]
         log.info(
             "ablation %s: %d runs, %d already finished, %d to run (%d to continue from a "
-            "checkpoint where one is left) with %d worker(s)",
+            "checkpoint where one is left) with %d worker(s), populations of up to %d",
             spec.name,
             len(jobs),
             len(jobs) - len(todo),
             len(todo) if run else 0,
             sum(j.resume is not None for j in todo) if run else 0,
             workers,
+            population,
         )
         if run:
-            _run_jobs(todo, spec.name, parent.run_id, workers)
+            _run_jobs(todo, spec.name, parent.run_id, workers, population)
         else:
             todo = []
         result = _collect(uri, spec, jobs)

@@ -1,6 +1,6 @@
 """``workbench ablate SPEC``: run an ablation spec (variants x seeds) and report.
 
-Exit 2 for a bad spec or an unreachable tracking store, 1 when a run failed, else 0.
+Exit 2 for a bad spec or option or an unreachable tracking store, 1 when a run failed, else 0.
 """
 
 from __future__ import annotations
@@ -15,6 +15,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", type=Path, help="ablation spec YAML, e.g. studies/ablations/tau.yaml")
     p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
     p.add_argument(
+        "--population",
+        type=int,
+        default=1,
+        metavar="K",
+        help="train up to K runs that differ only in per-member values (not in "
+        "population.SHAPE_KEYS) as one population; default 1: one run at a time",
+    )
+    p.add_argument(
         "--out", type=Path, default=None, help="report folder (default mlruns/ablations/<name>)"
     )
     p.add_argument("--report-only", action="store_true", help="report on finished runs only")
@@ -28,6 +36,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from workbench.specfile import SpecError
     from workbench.tracking import TrackingError
 
+    if args.population < 1:
+        print(f"workbench: --population={args.population}: must be >= 1", file=sys.stderr)
+        return 2
     try:
         spec = ablation.load_spec(args.spec)
     except SpecError as err:
@@ -35,7 +46,11 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         return 2
     try:
         result = ablation.run_ablation(
-            spec, workers=args.workers, out_dir=args.out, run=not args.report_only
+            spec,
+            workers=args.workers,
+            population=args.population,
+            out_dir=args.out,
+            run=not args.report_only,
         )
     except TrackingError as err:
         print(f"workbench: {err}", file=sys.stderr)
