@@ -50,8 +50,8 @@ from workbench.exploration import Explorer
 from workbench.policy import ARTIFACT_DIR, policy_spec, save_policy
 from workbench.replay import Batch, ReplayBuffer, make_replay_buffer
 from workbench.runstate import RunState
-from workbench.tracking import Ending, NullTracker, Tracker, make_tracker
-from workbench.tracking.status import StopRun, default_ending
+from workbench.tracking import Ending, NullTracker, Tracker, ends_run, make_tracker
+from workbench.tracking.status import StopRun
 from workbench.tracking.tags import (
     CHECKPOINT_DIR_TAG,
     RESUMED_AT_STEP_TAG,
@@ -696,34 +696,44 @@ class _Run:
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
-        """A member's error (or a hook's StopRun) ends its run alone; Ctrl-C ends them all."""
-        try:
+        """A member's error (or a hook's StopRun) ends its run alone, by ``tracking.ends_run``'s
+        rule; Ctrl-C, which ends every member, goes on up once this one is ended."""
+        if not self.running:
             yield
-        except KeyboardInterrupt:
-            raise
+            return
+        ending = Ending()
+        try:
+            with ends_run(self.tracker, reason=self._reason, finish=False) as ending:
+                yield
         except BaseException as err:
-            if not self.running:
+            self.member.error = err
+            self._ended(ending.status, ending.reason)
+            if isinstance(err, KeyboardInterrupt):
                 raise
-            self.end_by(err)
+
+    def _reason(self, err: BaseException) -> str | None:
+        """An interrupt's reason says how to continue from the latest checkpoint."""
+        if not isinstance(err, KeyboardInterrupt):
+            return None  # StopRun's own reason; "ExcType: message" for a failure
+        step, c = self.state.step, self.checkpointer
+        return c.interrupted_reason(step, err) if c else f"interrupted at step {step}"
 
     def end_by(self, err: BaseException) -> None:
-        """End the run as ``err`` says (tracking.status's rule; an interrupt's reason says how
-        to continue from the latest checkpoint)."""
-        status, reason = default_ending(err)
-        if isinstance(err, KeyboardInterrupt):
-            step = self.state.step
-            c = self.checkpointer
-            reason = c.interrupted_reason(step, err) if c else f"interrupted at step {step}"
-        self.member.error = err
-        self._end(status, reason)
+        """End the run as ``err`` would have ended it inside ``guard``."""
+        with contextlib.suppress(KeyboardInterrupt), self.guard():
+            raise err
 
     def _end(self, status: str, reason: str | None) -> None:
-        self.running = False
-        self.ending.set(status, reason)
+        """End the run (the loop's own endings: finished, or never started)."""
         ck = self.cfg.checkpoint
         if status == "FINISHED" and not ck.keep_after_finish and self.ckpt_lock.directory.is_dir():
             self.tracker.set_tags({CHECKPOINT_DIR_TAG: "(deleted: the run finished)"})
         self.tracker.end(status, reason)
+        self._ended(status, reason)
+
+    def _ended(self, status: str, reason: str | None) -> None:
+        self.running = False
+        self.ending.set(status, reason)
         self.result.status, self.result.reason = status, reason
         self._record_result()  # complete when refill() reads it
 

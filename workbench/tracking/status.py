@@ -70,6 +70,7 @@ def ends_run(
     *,
     reason: Callable[[BaseException], str | None] | None = None,
     tags: Callable[[Ending], Mapping[str, str] | None] | None = None,
+    finish: bool = True,
 ) -> Iterator[Ending]:
     """End ``run`` according to how the ``with`` block ended, and re-raise what ended it.
 
@@ -83,11 +84,13 @@ def ends_run(
     before the run ends (e.g. a trial's state); on a normal exit they are set inside the
     block's protection, so a store failure there ends the run as that exception does.
     ``run`` None (an untracked study) ends nothing. The exception is always re-raised.
+    ``finish=False``: a normal exit ends nothing (the block is one stretch of a run's life,
+    as each step of a population member is).
     """
     ending = Ending()
     try:
         yield ending
-        if run is not None and tags is not None:
+        if run is not None and tags is not None and finish:
             extra = tags(ending)
             if extra:
                 run.set_tags(extra)
@@ -106,5 +109,5 @@ def ends_run(
             finally:
                 run.end(ending.status, ending.reason)
         raise
-    if run is not None:
+    if run is not None and finish:
         run.end(ending.status, ending.reason)
