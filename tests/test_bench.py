@@ -139,3 +139,51 @@ def test_sb3_model_uses_our_settings(overrides, algo):
         assert any("one learning rate" in n for n in notes)
         assert type(model.action_noise).__name__ == "OrnsteinUhlenbeckActionNoise"
     env.close()
+
+
+def test_population_bench_trains_k_members_on_each_side(capsys):
+    """K=2 on each side, two rounds (ABBA): every figure there, steps and updates as the
+    settings say; no timing asserted."""
+    args = ["bench", "--population", "2", "--e2e-rounds", "2", *TINY, "tracking=none"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["settings"]["population"] == 2 and out["settings"]["tracking"] == "none"
+    assert out["machine"]["torch_threads"] == 1
+    pop = out["population"]
+    assert pop["k"] == 2 and pop["rounds"] == 2 and pop["seeds"] == [0, 1]
+    for side in ("population", "sequential"):
+        runs = pop[side]["runs"]
+        assert len(runs) == 2
+        for run in runs:
+            assert run["finished"] == 2
+            assert run["steps"] == 2 * 300 and run["updates"] == 2 * 201  # learning from 100
+            assert 0 < run["training_loop_s"] < run["wall_s"]
+            assert run["sps_training_loop"] > 0 and run["updates_per_s_training_loop"] > 0
+        assert pop[side]["sps_training_loop_pooled"] > 0
+        assert pop[side]["updates_per_s_training_loop_pooled"] > 0
+        assert pop[side]["sps_wall_pooled"] > 0
+    ratio = (
+        pop["population"]["sps_training_loop_pooled"]
+        / pop["sequential"]["sps_training_loop_pooled"]
+    )
+    assert pop["ratio_vs_sequential"] == pytest.approx(ratio, abs=0.01)
+    assert pop["ratio_wall_vs_sequential"] > 0 and "evaluation excluded" in pop["ratio_basis"]
+
+
+def test_population_bench_alternates_sides(monkeypatch):
+    calls = []
+
+    def side(name):
+        def run(configs):
+            calls.append((name, [c.seed for c in configs]))
+            return {"steps": 600, "updates": 400, "training_loop_s": 2.0, "wall_s": 3.0}
+
+        return run
+
+    monkeypatch.setattr(speed, "_population_round", side("population"))
+    monkeypatch.setattr(speed, "_sequential_round", side("sequential"))
+    out = speed.bench_population(compose([*TINY, "tracking=none"]), 3, rounds=2)
+    assert [c[0] for c in calls] == ["population", "sequential", "sequential", "population"]
+    assert all(seeds == [0, 1, 2] for _, seeds in calls)
+    assert out["population"]["sps_training_loop_pooled"] == 300.0
+    assert out["ratio_vs_sequential"] == 1.0 and out["ratio_wall_vs_sequential"] == 1.0

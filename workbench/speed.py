@@ -13,6 +13,10 @@ is measured here rather than guessed. One JSON document:
   with ours when there are several rounds;
 - ``replay``: bytes per transition x capacity, ours and SB3's.
 
+``workbench bench --population K`` measures the K axis instead (``bench_population``): one
+population of K members (``train_population``) against the same K runs trained one after
+another (``train``), alternated in this process, as aggregate env steps/s and updates/s.
+
 Only the optional ``bench`` extra (``pip install -e ".[bench]"``) brings SB3; without it the
 SB3 fields are absent and ``sb3.available`` is false.
 """
@@ -20,6 +24,7 @@ SB3 fields are absent and ``sb3.available`` is false.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import platform
@@ -485,6 +490,146 @@ def bench_end_to_end(
         out["ratio_basis"] = (
             "ours: steps / training loop time (evaluation excluded); sb3: steps / learn() time"
         )
+    return out
+
+
+# ----------------------------------------------------------------------------- population
+
+
+def _side(results: Sequence[Any], loop_s: float, wall: float) -> dict[str, Any]:
+    """One side's figures for one round: K runs' steps and updates, and the training loop's
+    time (``loop_s``, evaluation excluded) next to the whole call's wall time."""
+    steps = sum(r.steps for r in results)
+    updates = sum(int(r.perf["updates"]) for r in results)
+    return {
+        "steps": steps,
+        "updates": updates,
+        "training_loop_s": _r(loop_s, 3),
+        "wall_s": _r(wall, 3),
+        "eval_s": _r(sum(r.perf["loop_eval_s"] + r.perf["final_eval_s"] for r in results), 3),
+        "finished": sum(r.status == "FINISHED" for r in results),
+        "sps_training_loop": _r(steps / loop_s),
+        "updates_per_s_training_loop": _r(updates / loop_s),
+    }
+
+
+def _population_round(configs: Sequence[Config]) -> dict[str, Any]:
+    """The K configs as one population. Its members share one loop: each member's
+    ``loop_s`` covers all of it, every member's periodic evaluation included, so the
+    training loop is the longest member's ``loop_s`` less all members' ``loop_eval_s``."""
+    from workbench.train import Member, run_name, train_population
+
+    members = [
+        Member(c, make_tracker(c.tracking, run_name=run_name(c)), tags={BENCH_TAG: "true"})
+        for c in configs
+    ]
+    t0 = time.perf_counter()
+    results = train_population(members)
+    wall = time.perf_counter() - t0
+    loop = max(r.perf["loop_s"] for r in results) - sum(r.perf["loop_eval_s"] for r in results)
+    return _side(results, loop, wall)
+
+
+def _sequential_round(configs: Sequence[Config]) -> dict[str, Any]:
+    """The same K configs, one ``train()`` after another: the sum of their training loops."""
+    from workbench.train import run_name, train
+
+    results = []
+    t0 = time.perf_counter()
+    for c in configs:
+        tracker = make_tracker(c.tracking, run_name=run_name(c))
+        results.append(train(c, tracker, tags={BENCH_TAG: "true"}))
+    wall = time.perf_counter() - t0
+    loop = sum(r.perf["loop_s"] - r.perf["loop_eval_s"] for r in results)
+    return _side(results, loop, wall)
+
+
+def bench_population(cfg: Config, k: int, *, rounds: int) -> dict[str, Any]:
+    """K members (``cfg`` with seeds 0..K-1) as one population against the same K runs one
+    after another, in ABBA order over ``rounds``; rates pooled over rounds (all steps / all
+    time), so drifting load weighs on both sides alike."""
+    if k < 1:
+        raise ValueError(f"population={k}: must be at least 1")
+    if rounds < 1:
+        raise ValueError(f"rounds={rounds}: must be at least 1")
+    _init_store(cfg)
+    configs = [dataclasses.replace(cfg, seed=seed) for seed in range(k)]
+    runs: dict[str, list[dict[str, Any]]] = {"population": [], "sequential": []}
+    jobs: list[tuple[str, Callable[[], dict[str, Any]]]] = [
+        ("population", lambda: _population_round(configs)),
+        ("sequential", lambda: _sequential_round(configs)),
+    ]
+    for r in range(rounds):
+        for name, job in jobs if r % 2 == 0 else jobs[::-1]:
+            runs[name].append(job())
+
+    def pooled(name: str, count: str, time_key: str) -> float:
+        return sum(x[count] for x in runs[name]) / sum(x[time_key] for x in runs[name])
+
+    out: dict[str, Any] = {"k": k, "rounds": rounds, "seeds": list(range(k))}
+    for name in runs:
+        out[name] = {
+            "runs": runs[name],
+            "sps_training_loop_pooled": _r(pooled(name, "steps", "training_loop_s")),
+            "updates_per_s_training_loop_pooled": _r(pooled(name, "updates", "training_loop_s")),
+            "sps_wall_pooled": _r(pooled(name, "steps", "wall_s")),
+        }
+    pop, seq = out["population"], out["sequential"]
+    out["ratio_vs_sequential"] = _r(
+        pop["sps_training_loop_pooled"] / seq["sps_training_loop_pooled"], 2
+    )
+    out["ratio_basis"] = (
+        "aggregate env steps/s of the training loop (evaluation excluded): population over "
+        "K sequential runs at identical settings"
+    )
+    out["ratio_updates_vs_sequential"] = _r(
+        pop["updates_per_s_training_loop_pooled"] / seq["updates_per_s_training_loop_pooled"], 2
+    )
+    out["ratio_wall_vs_sequential"] = _r(pop["sps_wall_pooled"] / seq["sps_wall_pooled"], 2)
+    out["ratio_wall_basis"] = (
+        "aggregate env steps / whole wall time (setup, evaluation, tracking included)"
+    )
+    return out
+
+
+def run_population_bench(
+    overrides: Sequence[str] = (), *, k: int, rounds: int = 2
+) -> dict[str, Any]:
+    """What ``workbench bench --population K`` prints."""
+    from workbench.train import resolve_device
+
+    with tempfile.TemporaryDirectory(prefix="workbench-bench-") as tmp:
+        cfg = compose([*BENCH_DEFAULTS, f"tracking.dir={tmp}/mlruns", *overrides])
+        device = resolve_device(cfg.device)
+        if cfg.torch_threads is not None:
+            torch.set_num_threads(cfg.torch_threads)
+        obs_dim, act_dim = _dims(cfg)
+        a = cfg.agent
+        out: dict[str, Any] = {
+            "bench": "workbench population",
+            "machine": machine(),
+            "settings": {
+                "env_id": cfg.env.id,
+                "obs_dim": obs_dim,
+                "action_dim": act_dim,
+                "n_envs": cfg.env.n_envs,
+                "device": str(device),
+                "torch_threads": cfg.torch_threads,
+                "population": k,
+                "actor_hidden": list(a.actor_hidden),
+                "critic_hidden": list(a.critic_hidden),
+                "batch_size": a.batch_size,
+                "n_critics": a.n_critics,
+                "total_steps": cfg.total_steps,
+                "learning_starts": a.learning_starts,
+                "utd": utd(cfg),
+                "tracking": cfg.tracking.backend,
+                "eval_every": cfg.eval.every,
+                "eval_episodes": cfg.eval.episodes,
+                "overrides": list(overrides),
+            },
+        }
+        out["population"] = bench_population(cfg, k, rounds=rounds)
     return out
 
 

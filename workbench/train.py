@@ -94,7 +94,10 @@ class RunResult:
     eval_stds: list[float] = field(default_factory=list)
     wall_time_s: float = 0.0
     reason: str | None = None
-    # where the time went (seconds) and the replay footprint (bytes)
+    # where the time went (seconds) and the replay footprint (bytes). ``loop_s`` is the
+    # training loop's wall time, from its first step to the run's last (before the final
+    # evaluation); a population's members share that loop, so each one's ``loop_s`` covers
+    # every member's work in it (including their periodic evaluations, ``loop_eval_s``)
     perf: dict[str, float] = field(default_factory=dict)
 
 
@@ -225,6 +228,9 @@ def _train(
             with run.guard():
                 run.build(interrupts)
         learner = _learner(slots)
+        t_loop = time.perf_counter()
+        for run in slots:
+            run.t_loop = t_loop  # one loop for all: its time starts once every member is built
         refill_slots = None
         if refill is not None:
 
@@ -271,6 +277,7 @@ def _refill(
             runs.append(run)
             with run.guard():
                 run.build(interrupts)
+                run.t_loop = time.perf_counter()
                 if learner is not None:
                     learner.replace(k, run.agent)
             if run.running:
@@ -310,6 +317,13 @@ def _loop(runs: Sequence[_Run], learner: Any, refill: Callable[[], None] | None 
             with run.guard():
                 if run.running:
                     run.after_step()
+        # the members whose last step this was stop the loop's clock together, before any
+        # of them evaluates for the last time
+        t_end = time.perf_counter()
+        for run in live:
+            with run.guard():
+                if run.running and run.state.step >= run.cfg.total_steps:
+                    run.finish(t_end)
         if refill is not None and any(not r.running and not r.refilled for r in runs):
             refill()
 
@@ -375,6 +389,7 @@ class _Run:
     member: Member
     resume_state: Mapping[str, Any] | None
     t_start: float = field(default_factory=time.perf_counter)
+    t_loop: float = 0.0  # when the training loop started
     running: bool = False
     refilled: bool = False  # its slot has been handed on
     ending: Ending = field(default_factory=Ending)
@@ -499,7 +514,6 @@ class _Run:
             flush=tracker.flush,
         )
         self.obs = self._first_obs(self.resume_state)
-        self.t_loop = time.perf_counter()
 
     def _policy(self, obs: np.ndarray) -> np.ndarray:
         """The deterministic policy on one raw observation, in env units (evaluation)."""
@@ -622,7 +636,8 @@ class _Run:
             self.explorer.adapt(self.agent.actor, obs, state.step)
 
     def after_step(self) -> None:
-        """Report, evaluate (hooks may stop the run), checkpoint; finish at the last step."""
+        """Report, evaluate (hooks may stop the run), checkpoint (the loop calls ``finish``
+        after the last step)."""
         cfg, state = self.cfg, self.state
         prev, step = self.prev_step, state.step
         if _crossed(prev, step, cfg.tracking.log_every):
@@ -637,8 +652,10 @@ class _Run:
             self.checkpointer.after_step(
                 prev, step, state.vec_steps, bool(self.done.all()), self._snapshot
             )
-            return
-        self.result.perf["loop_s"] = time.perf_counter() - self.t_loop
+
+    def finish(self, t_end: float) -> None:
+        """The last step is done: the loop's time ends at ``t_end``; the final evaluation."""
+        self.result.perf["loop_s"] = t_end - self.t_loop
         self._finish()
         self._end("FINISHED", None)
 

@@ -1,4 +1,5 @@
-"""``workbench bench [hydra overrides]``: update and end-to-end speed, next to SB3's DDPG.
+"""``workbench bench [hydra overrides]``: update and end-to-end speed, next to SB3's DDPG;
+with ``--population K``, K runs as one population against the same K runs one by one.
 
 Prints one JSON document (see ``workbench.speed``); exit 2 for overrides that do not validate.
 """
@@ -19,25 +20,42 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-e2e", action="store_true", help="skip the end-to-end training runs")
     p.add_argument("--e2e-rounds", type=int, default=2, help="end-to-end runs each (ABBA)")
     p.add_argument("--sb3", choices=("auto", "yes", "no"), default="auto")
+    p.add_argument(
+        "--population",
+        type=_positive,
+        metavar="K",
+        help="instead: K runs (seeds 0..K-1) as one population vs one after another "
+        "(--e2e-rounds rounds, ABBA)",
+    )
     p.add_argument("overrides", nargs="*", help="Hydra overrides: env=..., agent.*, total_steps=")
     p.set_defaults(handler=cmd_bench)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: must be at least 1")
+    return value
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from workbench.config import ConfigError
-    from workbench.speed import run_bench
+    from workbench.speed import run_bench, run_population_bench
 
     try:
-        out = run_bench(
-            args.overrides,
-            updates=args.updates,
-            rounds=args.rounds,
-            warmup=args.warmup,
-            env_steps=args.env_steps,
-            e2e=not args.no_e2e,
-            e2e_rounds=args.e2e_rounds,
-            sb3=args.sb3,
-        )
+        if args.population is not None:
+            out = run_population_bench(args.overrides, k=args.population, rounds=args.e2e_rounds)
+        else:
+            out = run_bench(
+                args.overrides,
+                updates=args.updates,
+                rounds=args.rounds,
+                warmup=args.warmup,
+                env_steps=args.env_steps,
+                e2e=not args.no_e2e,
+                e2e_rounds=args.e2e_rounds,
+                sb3=args.sb3,
+            )
     except ConfigError as err:
         print(f"workbench: {err}", file=sys.stderr)
         return 2
