@@ -592,41 +592,54 @@ def bench_population(cfg: Config, k: int, *, rounds: int) -> dict[str, Any]:
     return out
 
 
+def _compose(overrides: Sequence[str], store: str) -> tuple[Config, torch.device]:
+    """The benchmarked config (tracking into ``store``) and its device; threads set."""
+    from workbench.train import resolve_device
+
+    cfg = compose([*BENCH_DEFAULTS, f"tracking.dir={store}/mlruns", *overrides])
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    return cfg, resolve_device(cfg.device)
+
+
+def _settings(cfg: Config, device: torch.device, overrides: Sequence[str]) -> dict[str, Any]:
+    """The settings a benchmark's numbers were measured at."""
+    obs_dim, act_dim = _dims(cfg)
+    a = cfg.agent
+    return {
+        "env_id": cfg.env.id,
+        "obs_dim": obs_dim,
+        "action_dim": act_dim,
+        "n_envs": cfg.env.n_envs,
+        "device": str(device),
+        "torch_threads": cfg.torch_threads,
+        "actor_hidden": list(a.actor_hidden),
+        "critic_hidden": list(a.critic_hidden),
+        "batch_size": a.batch_size,
+        "n_critics": a.n_critics,
+        "total_steps": cfg.total_steps,
+        "learning_starts": a.learning_starts,
+        "utd": utd(cfg),
+        "tracking": cfg.tracking.backend,
+        "eval_episodes": cfg.eval.episodes,
+        "overrides": list(overrides),
+    }
+
+
 def run_population_bench(
     overrides: Sequence[str] = (), *, k: int, rounds: int = 2
 ) -> dict[str, Any]:
     """What ``workbench bench --population K`` prints."""
-    from workbench.train import resolve_device
 
     with tempfile.TemporaryDirectory(prefix="workbench-bench-") as tmp:
-        cfg = compose([*BENCH_DEFAULTS, f"tracking.dir={tmp}/mlruns", *overrides])
-        device = resolve_device(cfg.device)
-        if cfg.torch_threads is not None:
-            torch.set_num_threads(cfg.torch_threads)
-        obs_dim, act_dim = _dims(cfg)
-        a = cfg.agent
+        cfg, device = _compose(overrides, tmp)
         out: dict[str, Any] = {
             "bench": "workbench population",
             "machine": machine(),
             "settings": {
-                "env_id": cfg.env.id,
-                "obs_dim": obs_dim,
-                "action_dim": act_dim,
-                "n_envs": cfg.env.n_envs,
-                "device": str(device),
-                "torch_threads": cfg.torch_threads,
+                **_settings(cfg, device, overrides),
                 "population": k,
-                "actor_hidden": list(a.actor_hidden),
-                "critic_hidden": list(a.critic_hidden),
-                "batch_size": a.batch_size,
-                "n_critics": a.n_critics,
-                "total_steps": cfg.total_steps,
-                "learning_starts": a.learning_starts,
-                "utd": utd(cfg),
-                "tracking": cfg.tracking.backend,
                 "eval_every": cfg.eval.every,
-                "eval_episodes": cfg.eval.episodes,
-                "overrides": list(overrides),
             },
         }
         out["population"] = bench_population(cfg, k, rounds=rounds)
@@ -675,7 +688,6 @@ def run_bench(
     sb3: str = "auto",
 ) -> dict[str, Any]:
     """Everything ``workbench bench`` prints. ``sb3``: auto (if installed), yes, no."""
-    from workbench.train import resolve_device
 
     if sb3 not in ("auto", "yes", "no"):
         raise ValueError(f"sb3={sb3!r}: must be auto, yes or no")
@@ -683,35 +695,16 @@ def run_bench(
         raise ValueError("sb3=yes: stable-baselines3 is not installed (pip install -e '.[bench]')")
     with_sb3 = sb3 != "no" and sb3_available()
     with tempfile.TemporaryDirectory(prefix="workbench-bench-") as tmp:
-        cfg = compose([*BENCH_DEFAULTS, f"tracking.dir={tmp}/mlruns", *overrides])
-        device = resolve_device(cfg.device)
-        if cfg.torch_threads is not None:
-            torch.set_num_threads(cfg.torch_threads)
+        cfg, device = _compose(overrides, tmp)
         obs_dim, act_dim = _dims(cfg)
-        a = cfg.agent
         out: dict[str, Any] = {
             "bench": "workbench",
             "machine": machine(),
             "settings": {
-                "env_id": cfg.env.id,
-                "obs_dim": obs_dim,
-                "action_dim": act_dim,
-                "n_envs": cfg.env.n_envs,
+                **_settings(cfg, device, overrides),
                 "vectorization": cfg.env.vectorization,
-                "device": str(device),
-                "torch_threads": cfg.torch_threads,
-                "actor_hidden": list(a.actor_hidden),
-                "critic_hidden": list(a.critic_hidden),
-                "batch_size": a.batch_size,
-                "n_critics": a.n_critics,
-                "total_steps": cfg.total_steps,
-                "learning_starts": a.learning_starts,
-                "utd": utd(cfg),
-                "tracking": cfg.tracking.backend,
                 "log_every": cfg.tracking.log_every,
-                "eval_episodes": cfg.eval.episodes,
                 "perf": to_dict(cfg)["perf"],
-                "overrides": list(overrides),
             },
             "sb3": {"available": sb3_available(), "compared": with_sb3},
         }
