@@ -295,6 +295,9 @@ def _learner(runs: Sequence[_Run]) -> Any:
         return None
     from workbench.population import Population
 
+    broken = [run.k for run in runs if not hasattr(run, "agent")]
+    if broken:  # the others end FAILED ("another member of its population failed to start")
+        raise RuntimeError(f"population members {broken} failed to build their agents")
     return Population([run.agent for run in runs])
 
 
