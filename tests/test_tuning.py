@@ -54,10 +54,8 @@ def _load(spec):
     return optuna.load_study(study_name=spec.name, storage=storage_for(spec, target))
 
 
-def test_pruner_stops_a_bad_trial_before_its_last_step(tmp_path):
-    spec = _spec(tmp_path, pruner={"name": "median", "n_startup_trials": 1})
-    study, _ = prepare(spec)
-    # A finished trial far better at every step: the real run is below the median.
+def _add_a_far_better_trial(study):
+    """A finished trial far better at every step than any real run (return 0 at each)."""
     dist = {"agent.tau": optuna.distributions.FloatDistribution(0.001, 0.05, log=True)}
     study.add_trial(
         create_trial(
@@ -67,6 +65,12 @@ def test_pruner_stops_a_bad_trial_before_its_last_step(tmp_path):
             intermediate_values={s: 0.0 for s in (100, 200, 300, 400)},
         )
     )
+
+
+def test_pruner_stops_a_bad_trial_before_its_last_step(tmp_path):
+    spec = _spec(tmp_path, pruner={"name": "median", "n_startup_trials": 1})
+    study, _ = prepare(spec)
+    _add_a_far_better_trial(study)  # the real run is below the median
     study.optimize(Objective(spec, parent_run_id=None, n_trials=None), n_trials=1)
     trial = study.trials[-1]
     assert trial.state == TrialState.PRUNED
@@ -318,15 +322,7 @@ def test_a_population_study_refills_slots_as_trials_fail_or_finish(tmp_path):
 def test_a_population_study_prunes_and_refills(tmp_path):
     spec = _spec(tmp_path, pruner={"name": "median", "n_startup_trials": 1}, n_trials=4)
     study, _ = prepare(spec)
-    dist = {"agent.tau": optuna.distributions.FloatDistribution(0.001, 0.05, log=True)}
-    study.add_trial(
-        create_trial(
-            value=0.0,
-            params={"agent.tau": 0.01},
-            distributions=dist,
-            intermediate_values={s: 0.0 for s in (100, 200, 300, 400)},
-        )
-    )
+    _add_a_far_better_trial(study)
     out = run_study(spec, population=2)
     trials = out.study.trials
     assert [t.state for t in trials[1:]] == [TrialState.PRUNED] * 3  # two slots, three trials
