@@ -132,11 +132,11 @@ class _Layer:
 
 
 class _StackedMLP:
-    """``fused.FusedMLP`` with a leading member axis: every product a batched one."""
+    """``fused.FusedMLP`` with a leading member axis (products batched where that is exact)."""
 
     def __init__(
         self,
-        members_net: Sequence[torch.nn.Module],
+        net: torch.nn.Module,
         flat: torch.Tensor,
         offset: int,
         grad: torch.Tensor | None,
@@ -148,8 +148,7 @@ class _StackedMLP:
             act.needs_pre,
             act.backward,
         )
-        net = members_net[0]
-        self.layers: list[_Layer] = []
+        self.layers: list[_Layer] = []  # views of the rows, laid out as ``net``
         k = flat.shape[0]
         for lin in (m for m in net if isinstance(m, torch.nn.Linear)):
             out_f, in_f = lin.weight.shape
@@ -232,6 +231,20 @@ class _StackedMLP:
         raise AssertionError("unreachable")
 
 
+def _check_fits(k: int, agent: DDPG, other: DDPG) -> None:
+    """Member ``k`` can share the batched update with ``other`` (same shapes, fused path)."""
+    if not agent.fused:
+        raise ValueError(f"member {k}: a population needs the fused update")
+    if agent.compiled:
+        raise ValueError(f"member {k}: a population does not compile its update")
+    for key in (key for key in SHAPE_KEYS if key.startswith("agent.")):
+        name = key.split(".")[1]
+        if getattr(agent.cfg, name) != getattr(other.cfg, name):
+            raise ValueError(f"member {k}: {key} differs from member 0 ({key} sets shapes)")
+    if (agent.obs_dim, agent.action_dim) != (other.obs_dim, other.action_dim):
+        raise ValueError(f"member {k}: observation or action size differs from member 0")
+
+
 class Population:
     """K fused agents of one shape whose flat buffers are rows of stacked storage."""
 
@@ -240,16 +253,7 @@ class Population:
             raise ValueError("a population needs at least one agent")
         first = agents[0]
         for i, agent in enumerate(agents):
-            if not agent.fused:
-                raise ValueError(f"member {i}: a population needs the fused update")
-            if agent.compiled:
-                raise ValueError(f"member {i}: a population does not compile its update")
-            for key in (k for k in SHAPE_KEYS if k.startswith("agent.")):
-                name = key.split(".")[1]
-                if getattr(agent.cfg, name) != getattr(first.cfg, name):
-                    raise ValueError(f"member {i}: {key} differs from member 0 ({key} sets shapes)")
-            if (agent.obs_dim, agent.action_dim) != (first.obs_dim, first.action_dim):
-                raise ValueError(f"member {i}: observation or action size differs from member 0")
+            _check_fits(i, agent, first)
         self.agents = list(agents)
         self.k = len(agents)
         self.obs_dim = first.obs_dim
@@ -260,18 +264,14 @@ class Population:
         for k, agent in enumerate(agents):
             agent.rehome({name: rows[k] for name, rows in self.storage.items()})
         s, act = self.storage, first.cfg.activation
-        self.actor = _StackedMLP(
-            [a.actor.net for a in agents], s["actor_flat"], 0, s["actor_grad"], act
-        )
-        self.actor_target = _StackedMLP(
-            [a.actor_target.net for a in agents], s["actor_target_flat"], 0, None, act
-        )
+        self.actor = _StackedMLP(first.actor.net, s["actor_flat"], 0, s["actor_grad"], act)
+        self.actor_target = _StackedMLP(first.actor.net, s["actor_target_flat"], 0, None, act)
         self.critics, self.critic_targets = [], []
         offset = 0
         for i in range(len(first.critic.qs)):
-            nets = [a.critic.qs[i] for a in agents]
-            q = _StackedMLP(nets, s["critic_flat"], offset, s["critic_grad"], act)
-            qt = _StackedMLP(nets, s["critic_target_flat"], offset, None, act)
+            net = first.critic.qs[i]
+            q = _StackedMLP(net, s["critic_flat"], offset, s["critic_grad"], act)
+            qt = _StackedMLP(net, s["critic_target_flat"], offset, None, act)
             self.critics.append(q)
             self.critic_targets.append(qt)
             offset = q.end
@@ -283,13 +283,7 @@ class Population:
     def replace(self, k: int, agent: DDPG) -> None:
         """Put a new member in slot ``k`` (a finished or pruned member's): its values are
         copied into the slot's rows, and from then on it trains there."""
-        first = self.agents[0] if k else self.agents[-1]
-        for key in (key for key in SHAPE_KEYS if key.startswith("agent.")):
-            name = key.split(".")[1]
-            if getattr(agent.cfg, name) != getattr(first.cfg, name):
-                raise ValueError(f"slot {k}: {key} differs from the population's")
-        if not agent.fused or agent.compiled:
-            raise ValueError(f"slot {k}: a population needs the fused update, not compiled")
+        _check_fits(k, agent, self.agents[0] if k else self.agents[-1])
         agent.rehome({name: rows[k] for name, rows in self.storage.items()})
         self.agents[k] = agent
         self.gamma[k, 0] = agent.cfg.gamma
@@ -336,11 +330,13 @@ class Population:
         actions = torch.stack([stack("actions", k) for k in range(self.k)])
         rewards = torch.stack([stack("rewards", k) for k in range(self.k)])
         terminated = torch.stack([stack("terminated", k) for k in range(self.k)])
-        noise = torch.zeros(self.k, size, template.actions.shape[1], device=obs.device)
+        noise = None  # (K, B, action_dim) when a learning member smooths its target
         for k, agent in enumerate(agents):
             if active[k]:  # from its own generator, as its single run draws
                 member_noise = agent.target_noise(size)
                 if member_noise is not None:
+                    if noise is None:
+                        noise = torch.zeros(self.k, *member_noise.shape, device=obs.device)
                     noise[k] = member_noise
 
         # critic step (all members; applied to the active ones)
@@ -382,13 +378,14 @@ class Population:
         rewards: torch.Tensor,
         next_obs: torch.Tensor,
         terminated: torch.Tensor,
-        noise: torch.Tensor,
+        noise: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The fused critic pass of ``DDPG._fused_critic`` for every member at once."""
         next_actions = torch.tanh(self.actor_target.forward(next_obs)[0])
         # a member without target smoothing adds zeros: tanh is within [-1, 1], so the clamp
         # leaves its actions as they are, bit for bit
-        next_actions = (next_actions + noise).clamp(-1.0, 1.0)
+        if noise is not None:
+            next_actions = (next_actions + noise).clamp(-1.0, 1.0)
         x_next = torch.cat([next_obs, next_actions], dim=-1)
         next_qs = [f.forward(x_next)[0].squeeze(-1) for f in self.critic_targets]
         next_q = next_qs[0] if len(next_qs) == 1 else torch.stack(next_qs).min(dim=0).values

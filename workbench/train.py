@@ -252,15 +252,14 @@ def _train(
 
 def _refill(
     slots: list[_Run], runs: list[_Run], learner: Any, refill: Refill, interrupts: Interrupts
-) -> bool:
-    """Give each ended slot the member ``refill`` returns; whether any slot was refilled.
+) -> None:
+    """Give each ended slot the member ``refill`` returns.
 
     A member whose config cannot join (another shape, a bad value) or whose run fails to
     start is handed back to ``refill`` as ended, with no result, and the slot asks again.
     """
     from workbench.population import check_members
 
-    refilled = False
     for k, ended in enumerate(slots):
         if ended.running or ended.refilled:
             continue
@@ -282,11 +281,9 @@ def _refill(
                     learner.replace(k, run.agent)
             if run.running:
                 slots[k] = run
-                refilled = True
                 break
             run.refilled = True
             member = refill(member, run.result)
-    return refilled
 
 
 def _learner(runs: Sequence[_Run]) -> Any:
@@ -395,7 +392,6 @@ class _Run:
     t_loop: float = 0.0  # when the training loop started
     running: bool = False
     refilled: bool = False  # its slot has been handed on
-    ending: Ending = field(default_factory=Ending)
     checkpointer: Checkpointer | None = None
     obs: np.ndarray = field(default_factory=lambda: np.zeros(0))
     learn: bool = False
@@ -753,7 +749,6 @@ class _Run:
 
     def _ended(self, status: str, reason: str | None) -> None:
         self.running = False
-        self.ending.set(status, reason)
         self.result.status, self.result.reason = status, reason
         self._record_result()  # complete when refill() reads it
 
