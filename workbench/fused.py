@@ -14,7 +14,7 @@ gradient flows through the critic) and the input gradient of every first layer.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -190,26 +190,16 @@ class FlatAdam(torch.optim.Adam):
 
     def flat_step(self) -> None:
         """The step itself, without ``Optimizer.step``'s hook and profiler wrapper (~0.1 ms)."""
+        self.step_count += 1
+        _fused_adam([self], self.hyper())
+
+    def hyper(self) -> tuple[float, float, float, float, float]:
+        """(lr, beta1, beta2, weight_decay, eps): optimizers alike in these step as one."""
         group = self.param_groups[0]
         if group["amsgrad"] or group["maximize"]:
             raise ValueError("FlatAdam supports plain Adam only (no amsgrad, no maximize)")
         beta1, beta2 = group["betas"]
-        self.step_count += 1
-        torch._fused_adam_(
-            [self.flat],
-            [self.flat_grad],
-            [self.exp_avg],
-            [self.exp_avg_sq],
-            [],
-            [self.step_count],
-            lr=group["lr"],
-            beta1=beta1,
-            beta2=beta2,
-            weight_decay=group["weight_decay"],
-            eps=group["eps"],
-            amsgrad=False,
-            maximize=False,
-        )
+        return (group["lr"], beta1, beta2, group["weight_decay"], group["eps"])
 
     def state_dict(self) -> dict:  # type: ignore[override]
         """The standard per-parameter format, as a snapshot (copies, not views)."""
@@ -239,3 +229,36 @@ class FlatAdam(torch.optim.Adam):
                 self.exp_avg_sq.zero_()
                 self.step_count.zero_()
         self._alias_state()
+
+
+def _fused_adam(opts: list[FlatAdam], hyper: tuple[float, float, float, float, float]) -> None:
+    lr, beta1, beta2, weight_decay, eps = hyper
+    torch._fused_adam_(
+        [o.flat for o in opts],
+        [o.flat_grad for o in opts],
+        [o.exp_avg for o in opts],
+        [o.exp_avg_sq for o in opts],
+        [],
+        [o.step_count for o in opts],
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay,
+        eps=eps,
+        amsgrad=False,
+        maximize=False,
+    )
+
+
+def flat_adam_steps(opts: Sequence[FlatAdam]) -> None:
+    """``flat_step`` of each optimizer, one fused kernel call per set of equal
+    hyperparameters: the kernel works tensor by tensor, so each buffer gets the very floats
+    its own ``flat_step`` would give."""
+    if not opts:
+        return
+    torch._foreach_add_([o.step_count for o in opts], 1.0)
+    groups: dict[tuple[float, ...], list[FlatAdam]] = {}
+    for o in opts:
+        groups.setdefault(o.hyper(), []).append(o)
+    for hyper, alike in groups.items():
+        _fused_adam(alike, hyper)  # type: ignore[arg-type]

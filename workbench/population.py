@@ -231,6 +231,18 @@ class _StackedMLP:
         raise AssertionError("unreachable")
 
 
+def _polyak(agents: Sequence[DDPG]) -> None:
+    """Each agent's targets toward its networks by its own tau: one ``lerp`` call per tau,
+    tensor by tensor (each row gets the floats of the agent's own ``lerp_``)."""
+    by_tau: dict[float, list[DDPG]] = {}
+    for agent in agents:
+        by_tau.setdefault(agent.cfg.tau, []).append(agent)
+    for tau, alike in by_tau.items():
+        targets = [t for a in alike for t in (a.critic_target_flat, a.actor_target_flat)]
+        sources = [t for a in alike for t in (a.critic_flat, a.actor_flat)]
+        torch._foreach_lerp_(targets, sources, tau)
+
+
 def _check_fits(k: int, agent: DDPG, other: DDPG) -> None:
     """Member ``k`` can share the batched update with ``other`` (same shapes, fused path)."""
     if not agent.fused:
@@ -348,9 +360,9 @@ class Population:
                 continue
             if agent.cfg.max_grad_norm is not None:
                 fz.clip_grad_norm_(agent.critic_grad, agent.cfg.max_grad_norm)
-            agent._critic_flat_opt.flat_step()
             agent.n_updates += 1
             due.append(agent.n_updates % agent.cfg.policy_delay == 0)
+        fz.flat_adam_steps([a._critic_flat_opt for a, on in zip(agents, active) if on])
         metrics: list[Metrics | None] = [
             {"loss/critic": critic_loss[k], "q/mean": q_mean[k]} if active[k] else None
             for k in range(self.k)
@@ -360,15 +372,14 @@ class Population:
 
         # actor and target step for the members whose policy delay is up
         actor_loss = self._actor_grads(obs)
+        stepping = [agent for agent, on in zip(agents, due) if on]
         for k, agent in enumerate(agents):
-            if not due[k]:
-                continue
-            if agent.cfg.max_grad_norm is not None:
-                fz.clip_grad_norm_(agent.actor_grad, agent.cfg.max_grad_norm)
-            agent._actor_flat_opt.flat_step()
-            agent.critic_target_flat.lerp_(agent.critic_flat, agent.cfg.tau)
-            agent.actor_target_flat.lerp_(agent.actor_flat, agent.cfg.tau)
-            metrics[k]["loss/actor"] = actor_loss[k]  # type: ignore[index]
+            if due[k]:
+                if agent.cfg.max_grad_norm is not None:
+                    fz.clip_grad_norm_(agent.actor_grad, agent.cfg.max_grad_norm)
+                metrics[k]["loss/actor"] = actor_loss[k]  # type: ignore[index]
+        fz.flat_adam_steps([a._actor_flat_opt for a in stepping])
+        _polyak(stepping)
         return metrics
 
     def _critic_grads(
