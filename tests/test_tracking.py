@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -430,6 +431,41 @@ def test_a_failing_store_neither_raises_nor_loses_points(shared, monkeypatch):
     history = MlflowClient(shared[0]).get_metric_history(t.run_id, "train/x")
     assert sorted(m.step for m in history) == list(range(12))
     assert failures == [0]
+
+
+def _writer_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "mlflow-writer"]
+
+
+def test_one_writer_thread_serves_every_run_and_a_failing_one_holds_up_no_other(
+    shared, monkeypatch
+):
+    """A population's K runs (or a study's parent and trials) in one process share one
+    writer thread, one batch per run; while one run's store calls fail and it backs off, the
+    others' points still go out; the thread ends when the last run has."""
+    runs = [_tracker(shared, max_buffer=10, flush_every_s=3600) for _ in range(3)]
+    for t in runs:
+        t.start(params={}, tags={})
+    assert len(_writer_threads()) == 1
+    failing = runs[0]
+    assert failing._client is not None
+
+    def down(run_id, metrics=(), **kwargs):
+        raise MlflowException("database is locked", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(failing._client, "log_batch", down)
+    for step in range(10):
+        for t in runs:
+            t.log_metrics({"train/x": float(step)}, step)
+    client = MlflowClient(shared[0])
+    for t in runs[1:]:
+        assert _wait_until(lambda t=t: len(client.get_metric_history(t.run_id, "train/x")) == 10)
+    assert failing._failing and len(failing._pending) == 10  # kept to retry
+    monkeypatch.undo()
+    for t in runs:
+        t.end()
+    assert len(client.get_metric_history(failing.run_id, "train/x")) == 10
+    assert _wait_until(lambda: not _writer_threads())
 
 
 def test_bad_metric_keys_fail_at_the_call(shared):

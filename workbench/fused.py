@@ -256,7 +256,8 @@ def flat_adam_steps(opts: Sequence[FlatAdam]) -> None:
     its own ``flat_step`` would give."""
     if not opts:
         return
-    torch._foreach_add_([o.step_count for o in opts], 1.0)
+    for o in opts:
+        o.step_count += 1
     groups: dict[tuple[float, ...], list[FlatAdam]] = {}
     for o in opts:
         groups.setdefault(o.hyper(), []).append(o)

@@ -89,8 +89,9 @@ def _batched_is_exact(
 ) -> bool:
     """Whether the batched kernel for this product gives the per-member kernel's floats.
 
-    kinds: ``fwd`` (x W^T + b), ``gw`` (g^T x), ``gb`` (sum of g over rows), ``gi`` (g W),
-    ``gc`` (g W[:, cols], cols = the last ``n_in`` columns of a wider W).
+    kinds: ``fwd`` (x W^T + b), ``fwdT`` (the same, transposed: (W x^T + b)^T), ``gw``
+    (g^T x), ``gb`` (sum of g over rows), ``gi`` (g W), ``gc`` (g W[:, cols], cols = the
+    last ``n_in`` columns of a wider W).
     """
     if device.type != "cpu":
         return True
@@ -105,6 +106,9 @@ def _batched_is_exact(
             d = torch.randn(k, rows, n_out, generator=g)
             if kind == "fwd":
                 got = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+                want = [torch.addmm(b[j], x[j], w[j].t()) for j in range(k)]
+            elif kind == "fwdT":
+                got = _forward_transposed(x, w, b)
                 want = [torch.addmm(b[j], x[j], w[j].t()) for j in range(k)]
             elif kind == "gw":
                 got = torch.bmm(d.transpose(1, 2), x)
@@ -121,6 +125,11 @@ def _batched_is_exact(
             same = same and torch.equal(got, torch.stack(want))
         _PROBED[key] = same
     return _PROBED[key]
+
+
+def _forward_transposed(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x W^T + b for every member, computed as (W x^T + b)^T: (K, rows, out), a view."""
+    return torch.baddbmm(b.unsqueeze(2), w, x.transpose(1, 2)).transpose(1, 2)
 
 
 @dataclass
@@ -185,6 +194,10 @@ class _StackedMLP:
         w, b = layer.weight, layer.bias
         if _batched_is_exact("fwd", k, rows, n_in, w.shape[1], h.device):
             return torch.baddbmm(b.unsqueeze(1), h, w.transpose(1, 2))
+        # a one-unit head: (1 x in)(in x rows) gives the single kernel's floats where
+        # (rows x in)(in x 1) does not
+        if _batched_is_exact("fwdT", k, rows, n_in, w.shape[1], h.device):
+            return _forward_transposed(h, w, b)
         return torch.stack([torch.addmm(b[j], h[j], w[j].t()) for j in range(k)])
 
     def backward(
@@ -362,7 +375,7 @@ class Population:
                 fz.clip_grad_norm_(agent.critic_grad, agent.cfg.max_grad_norm)
             agent.n_updates += 1
             due.append(agent.n_updates % agent.cfg.policy_delay == 0)
-        fz.flat_adam_steps([a._critic_flat_opt for a, on in zip(agents, active) if on])
+        fz.flat_adam_steps([a._critic_flat_opt for a, on in zip(agents, active, strict=True) if on])
         metrics: list[Metrics | None] = [
             {"loss/critic": critic_loss[k], "q/mean": q_mean[k]} if active[k] else None
             for k in range(self.k)
@@ -372,7 +385,7 @@ class Population:
 
         # actor and target step for the members whose policy delay is up
         actor_loss = self._actor_grads(obs)
-        stepping = [agent for agent, on in zip(agents, due) if on]
+        stepping = [agent for agent, on in zip(agents, due, strict=True) if on]
         for k, agent in enumerate(agents):
             if due[k]:
                 if agent.cfg.max_grad_norm is not None:

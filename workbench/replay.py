@@ -30,7 +30,6 @@ import torch
 
 from workbench import seeding
 
-
 _NUMPY_DTYPES = {torch.float32: np.float32, torch.bool: np.bool_, torch.int32: np.int32}
 
 

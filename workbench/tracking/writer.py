@@ -5,6 +5,8 @@ implementations, and ``RunHandle`` for runs this process did not start.
 stack, and trials run in worker threads and processes), queues metric points that a writer
 thread sends with ``log_batch`` (a per-point ``log_metric`` costs ~9 ms on sqlite, and a store
 outage must not stall training), and makes sure no run is left RUNNING when the process exits.
+One writer thread per process serves every run the process tracks (``_Writer``): a population
+of K members, or a study's parent and trials, is one writer sending one batch per run.
 """
 
 from __future__ import annotations
@@ -230,6 +232,76 @@ def _install_exit_hooks() -> None:
     multiprocessing.util.Finalize(None, _end_abandoned_runs, exitpriority=100)
 
 
+# ----------------------------------------------------------------------------- the writer
+
+
+class _Writer:
+    """The thread that sends every tracker's queued points: one per process.
+
+    Trackers queue points under ``cv`` (shared by all of them); the thread picks the tracker
+    whose points are due and waited longest, sends them with one ``log_batch`` per chunk of
+    that run outside the lock, and lets a failing store's tracker back off while the others
+    go on. A tracker leaves once it has ended and its points are out (or given up); the thread
+    ends when no tracker is left and starts again with the next one. In a forked child the
+    parent's thread does not exist: the child starts its own.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        """A fresh writer (also in a forked child: the parent's thread, runs and lock state
+        are not the child's)."""
+        self.cv = threading.Condition()
+        self._trackers: list[MlflowTracker] = []
+        self._thread: threading.Thread | None = None
+
+    def add(self, tracker: MlflowTracker) -> None:
+        with self.cv:
+            tracker._writing = True
+            self._trackers.append(tracker)
+            if self._thread is None:
+                self._thread = threading.Thread(
+                    target=self._loop, name="mlflow-writer", daemon=True
+                )
+                self._thread.start()
+            self.cv.notify_all()
+
+    def _next(self) -> MlflowTracker | None:
+        """Under ``cv``: the tracker to send for now, dropping the finished ones; None when
+        there is none left (the thread ends)."""
+        while True:
+            now = time.monotonic()
+            for t in [t for t in self._trackers if t._stopping and not t._pending]:
+                self._trackers.remove(t)
+                t._writing = False
+                self.cv.notify_all()
+            if not self._trackers:
+                self._thread = None
+                return None
+            due = [t for t in self._trackers if t._due(now)]
+            if due:
+                return min(due, key=lambda t: t._last_flush)
+            waits = [w for t in self._trackers if (w := t._wait_s(now)) is not None]
+            self.cv.wait(min(waits) if waits else None)
+
+    def _loop(self) -> None:
+        while True:
+            with self.cv:
+                tracker = self._next()
+                if tracker is None:
+                    return
+                batch = tracker._take()
+            sent, dropped, err = tracker._send(batch)
+            with self.cv:
+                tracker._sent(batch, sent, dropped, err)
+                self.cv.notify_all()
+
+
+_WRITER = _Writer()
+os.register_at_fork(after_in_child=_WRITER._reset)
+
+
 # ----------------------------------------------------------------------------- mlflow tracker
 
 
@@ -297,7 +369,7 @@ class MlflowTracker:
         # Metric points wait in _pending; a writer thread sends them, so a slow or unreachable
         # store (MLflow retries HTTP for minutes) never stalls the training loop.
         self._pending: list[Metric] = []
-        self._cv = threading.Condition()
+        self._cv = _WRITER.cv  # the process's writer's lock (see _Writer)
         self._queued = 0  # points ever queued
         self._done = 0  # points written or given up on
         self._failures = 0  # failed write passes
@@ -306,7 +378,9 @@ class MlflowTracker:
         self._next_try = 0.0  # monotonic time before which a failing store is left alone
         self._last_flush = time.monotonic()
         self._failing = False
-        self._writer: threading.Thread | None = None
+        self._backoff = 1.0  # seconds before the next try while the store fails
+        self._final_attempts = 3  # tries left for the last points once the run ends
+        self._writing = False  # registered with the writer: points may still go out
         self._ended = False
         self.end_timeout_s = 60.0
         self._pid = os.getpid()
@@ -345,10 +419,7 @@ class MlflowTracker:
         with _active_lock:
             _active.add(self)
         self._last_flush = time.monotonic()
-        self._writer = threading.Thread(
-            target=self._write_loop, name=f"mlflow-writer-{self.run_id[:8]}", daemon=True
-        )
-        self._writer.start()
+        _WRITER.add(self)
         try:
             self._log_params_and_tags(params, rest)
         except Exception as err:
@@ -460,14 +531,14 @@ class MlflowTracker:
             if self._ended or self.run_id is None:
                 return
             self._ended = self._stopping = True
+            self._next_try = 0.0  # the last points go now, even while backing off
             self._cv.notify_all()
         with _active_lock:
             _active.discard(self)
         assert self._client is not None
         deadline = time.monotonic() + self.end_timeout_s
-        if self._writer is not None:
-            self._writer.join(self.end_timeout_s)
-            if self._writer.is_alive():
+        with self._cv:
+            if not self._cv.wait_for(lambda: not self._writing, timeout=self.end_timeout_s):
                 log.warning(
                     "gave up waiting %.0f s for metrics of run %s to reach %s",
                     self.end_timeout_s,
@@ -518,89 +589,77 @@ class MlflowTracker:
         """Send the queued points now and wait (up to ``timeout``) for the attempt; on a store
         error they stay queued for the next try."""
         with self._cv:
-            if self._writer is None or not self._writer.is_alive():
+            if not self._writing:
                 return
             target, failures = self._queued, self._failures
             self._flush_requested = True
+            self._next_try = 0.0  # now, even while backing off
             self._cv.notify_all()
             self._cv.wait_for(
                 lambda: self._done >= target or self._failures > failures, timeout=timeout
             )
 
     def _due(self, now: float) -> bool:
-        if not self._pending:
+        if not self._pending or now < self._next_try:
             return False
         if self._stopping or self._flush_requested:
             return True
-        if now < self._next_try:
-            return False
         full = len(self._pending) >= self.max_buffer
         return full or now - self._last_flush >= self.flush_every_s
 
     def _wait_s(self, now: float) -> float | None:
         if not self._pending:
-            return None  # log_metrics wakes us
+            return None  # log_metrics wakes the writer
+        if self._stopping or self._flush_requested:
+            return max(0.0, self._next_try - now)
         wake = self._last_flush + self.flush_every_s
         return max(0.0, max(wake, self._next_try) - now)
 
-    def _write_loop(self) -> None:
-        """The writer thread: send due points in batches, back off while the store fails."""
-        final_attempts = 3
-        backoff = 1.0
-        while True:
-            with self._cv:
-                while not self._due(time.monotonic()) and not (
-                    self._stopping and not self._pending
-                ):
-                    self._cv.wait(self._wait_s(time.monotonic()))
-                if not self._pending:  # stopping with nothing left
-                    return
-                batch, self._pending = self._pending, []
-                self._flush_requested = False
-            sent, dropped, err = self._send(batch)
-            with self._cv:
-                self._done += sent + dropped
-                self._last_flush = time.monotonic()
-                if err is None:
-                    backoff = 1.0
-                    if self._failing:
-                        log.warning("MLflow store %s is taking metrics again", redact(self.uri))
-                        self._failing = False
-                else:
-                    self._pending[:0] = batch[sent + dropped :]
-                    self._failures += 1
-                    if not self._failing:
-                        log.warning(
-                            "MLflow store %s failed to take metrics (%s); keeping %d points "
-                            "to retry",
-                            redact(self.uri),
-                            err,
-                            len(self._pending),
-                        )
-                    self._failing = True
-                    overflow = len(self._pending) - self.max_pending
-                    if overflow > 0:
-                        log.warning("store still failing: dropping the %d oldest points", overflow)
-                        del self._pending[:overflow]
-                        self._done += overflow
-                    self._next_try = time.monotonic() + backoff
-                    backoff = min(backoff * 2, 60.0)
-                    if self._stopping:
-                        final_attempts -= 1
-                        if final_attempts <= 0:
-                            log.warning(
-                                "%d metric points of run %s could not be written to %s",
-                                len(self._pending),
-                                self.run_id,
-                                redact(self.uri),
-                            )
-                            self._done += len(self._pending)
-                            self._pending.clear()
-                            self._cv.notify_all()
-                            return
-                self._cv.notify_all()
-            if err is not None and self._stopping:
-                time.sleep(0.5)
+    def _take(self) -> list[Metric]:
+        """The writer takes the queued points (under ``_cv``)."""
+        batch, self._pending = self._pending, []
+        self._flush_requested = False
+        return batch
+
+    def _sent(self, batch: list[Metric], sent: int, dropped: int, err: str | None) -> None:
+        """The writer's bookkeeping after a send (under ``_cv``): count, or requeue and back
+        off while the store fails; once the run ends, give up after the last tries."""
+        self._done += sent + dropped
+        self._last_flush = time.monotonic()
+        if err is None:
+            self._backoff = 1.0
+            if self._failing:
+                log.warning("MLflow store %s is taking metrics again", redact(self.uri))
+                self._failing = False
+            return
+        self._pending[:0] = batch[sent + dropped :]
+        self._failures += 1
+        if not self._failing:
+            log.warning(
+                "MLflow store %s failed to take metrics (%s); keeping %d points to retry",
+                redact(self.uri),
+                err,
+                len(self._pending),
+            )
+        self._failing = True
+        overflow = len(self._pending) - self.max_pending
+        if overflow > 0:
+            log.warning("store still failing: dropping the %d oldest points", overflow)
+            del self._pending[:overflow]
+            self._done += overflow
+        self._next_try = time.monotonic() + (0.5 if self._stopping else self._backoff)
+        self._backoff = min(self._backoff * 2, 60.0)
+        if self._stopping:
+            self._final_attempts -= 1
+            if self._final_attempts <= 0:
+                log.warning(
+                    "%d metric points of run %s could not be written to %s",
+                    len(self._pending),
+                    self.run_id,
+                    redact(self.uri),
+                )
+                self._done += len(self._pending)
+                self._pending.clear()
 
     def _send(self, batch: list[Metric]) -> tuple[int, int, str | None]:
         """Write ``batch`` in chunks: (points sent, points dropped as invalid, error or None)."""
