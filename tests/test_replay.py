@@ -110,3 +110,50 @@ def test_state_dict_refuses_another_shape():
         make_replay_buffer(20, 3, 1, compact=True).load_state_dict(buf.state_dict())
     with pytest.raises(ValueError, match="does not fit"):
         make_replay_buffer(10, 3, 1, compact=False).load_state_dict(buf.state_dict())
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_stacked_buffers_gather_each_members_own_batch(compact):
+    """A population's buffers as rows of stacked storage: one gather gives each member the
+    batch its own buffer gives (side-stored and newest next observations included, after
+    wrapping around); a member without indices gets another's rows; a new member can take
+    a slot; each buffer still adds, samples and checkpoints on its own."""
+    from workbench.replay import StackedReplay
+
+    def add(buf, item):
+        obs, nxt, ended = item
+        buf.add(obs, np.full((2, 1), obs[0, 0], np.float32), obs[:, 0], nxt, ended, ended)
+
+    def fill(seed, steps):
+        twins = [make_replay_buffer(24, 3, 1, seed=seed, compact=compact) for _ in range(2)]
+        for item in _trajectory(np.random.default_rng(seed), steps, n_envs=2):
+            for buf in twins:
+                add(buf, item)
+        return twins
+
+    members, alone = zip(*(fill(seed, 5 + 9 * seed) for seed in range(3)), strict=True)
+    stacked = StackedReplay(list(members))
+    for member in members:  # adds keep going into the stacked rows
+        add(member, next(_trajectory(np.random.default_rng(7), 1, n_envs=2)))
+    for buf in alone:
+        add(buf, next(_trajectory(np.random.default_rng(7), 1, n_envs=2)))
+
+    def check(indices, owners):
+        got = stacked.gather(indices)
+        for k, owner in enumerate(owners):
+            i = indices[k] if indices[k] is not None else indices[owner]
+            want = alone[owner].gather(i)
+            for name in vars(want):
+                assert torch.equal(getattr(got, name)[k], getattr(want, name)), (k, name)
+
+    for _ in range(5):
+        check([m.sample_indices(16) for m in members], [0, 1, 2])
+    check([None, members[1].sample_indices(16), members[2].sample_indices(16)], [1, 1, 2])
+    assert members[2].state_dict()["rows"]["obs"].shape[0] == len(members[2])
+
+    newcomer, newcomer_alone = fill(5, 4)
+    stacked.replace(0, newcomer)
+    members, alone = (newcomer, *members[1:]), (newcomer_alone, *alone[1:])
+    check([m.sample_indices(16) for m in members], [0, 1, 2])
+    with pytest.raises(ValueError, match="member 1: its replay buffer does not fit"):
+        stacked.replace(1, make_replay_buffer(30, 3, 1, compact=compact))

@@ -198,21 +198,27 @@ def test_two_workers_share_a_study_resume_adds_trials_and_the_preset_reproduces(
     assert not set(PRESET_EXCLUDED) & set(yaml.safe_load(preset.read_text()))
 
 
-def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_study_finishes(tmp_path):
+@pytest.mark.parametrize("population", [1, 2], ids=["sequential", "population"])
+def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_study_finishes(
+    tmp_path, population
+):
+    """kill -9 of a worker mid-trial (a sequential one, or a population training its two
+    trials at once): the trials it held are found stale by their heartbeats, failed, retried
+    with the same params by the next worker, and their MLflow runs end FAILED saying why."""
     spec_dict = tiny_spec(tmp_path, n_trials=2, heartbeat={"interval": 1, "grace_period": 3})
     path = write_spec(tmp_path, spec_dict)
     spec = parse_spec(path.read_text())
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "workbench.cli", "tune", str(path)],
+        [sys.executable, "-m", "workbench.cli", "tune", str(path), "--population", str(population)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         env=env,
     )
     try:
         deadline = time.monotonic() + 120
-        victim = None
-        while time.monotonic() < deadline and victim is None:
+        victims: list = []
+        while time.monotonic() < deadline and not victims:
             time.sleep(0.2)
             db = tmp_path / "mlruns" / "optuna" / "tiny.db"
             if not db.exists():
@@ -222,28 +228,29 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_study_finishes
             except Exception:
                 continue
             running = [t for t in trials if t.state == TrialState.RUNNING]
-            if running and MLFLOW_RUN in running[0].user_attrs:
-                victim = running[0]
-        assert victim is not None, "no trial started"
+            if len(running) == population and all(MLFLOW_RUN in t.user_attrs for t in running):
+                victims = running
+        assert victims, f"{population} trial(s) never ran at once"
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
         if proc.poll() is None:
             proc.kill()
     stuck = [t for t in _load(spec).trials if t.state == TrialState.RUNNING]
-    assert [t.number for t in stuck] == [victim.number]  # what kill -9 leaves behind
+    assert [t.number for t in stuck] == [v.number for v in victims]  # what kill -9 leaves
 
     out = run_study(spec)
     trials = out.study.trials
     assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert sum(counts(t) for t in trials) == 2
-    dead = trials[victim.number]
-    assert dead.state == TrialState.FAIL and not counts(dead)
-    retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
-    assert retried and retried[0].params == victim.params  # re-run with the same params
-    run = _client(tmp_path).get_run(victim.user_attrs[MLFLOW_RUN])
-    assert run.info.status == "FAILED"
-    assert "heartbeat" in run.data.tags["workbench.status_reason"]
+    for victim in victims:
+        dead = trials[victim.number]
+        assert dead.state == TrialState.FAIL and not counts(dead)
+        retried = [t for t in trials if t.system_attrs.get("failed_trial") == victim.number]
+        assert retried and retried[0].params == victim.params  # re-run with the same params
+        run = _client(tmp_path).get_run(victim.user_attrs[MLFLOW_RUN])
+        assert run.info.status == "FAILED"
+        assert "heartbeat" in run.data.tags["workbench.status_reason"]
     # every counted trial has its MLflow run, finished, with its score
     for t in trials:
         if t.state == TrialState.COMPLETE:

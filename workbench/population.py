@@ -22,7 +22,7 @@ On an accelerator the products are always batched (no bitwise claim there).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -30,7 +30,7 @@ from workbench import fused as fz
 from workbench.config import Config
 from workbench.ddpg import DDPG, Metrics
 from workbench.networks import ACTIVATIONS, flat_views
-from workbench.replay import Batch
+from workbench.replay import Batch, ReplayBuffer, StackedReplay
 
 # What members of one population must share: everything that sets a tensor's shape (the
 # env sets the observation and action sizes), and the update path the population batches.
@@ -244,6 +244,22 @@ class _StackedMLP:
         raise AssertionError("unreachable")
 
 
+def _stack_batches(batches: Sequence[Batch]) -> Batch:
+    """Per-member batches as one, each field with a leading K axis."""
+    columns = zip(*(_batch_fields(b) for b in batches), strict=True)
+    return Batch(*(torch.stack(column) for column in columns))
+
+
+def _batch_fields(batch: Batch) -> tuple[torch.Tensor, ...]:
+    """The batch's tensors in field order (``dataclasses.astuple`` would copy them)."""
+    return tuple(getattr(batch, f.name) for f in fields(batch))
+
+
+def member_batch(batch: Batch, k: int) -> Batch:
+    """Member ``k``'s rows of a stacked batch (views)."""
+    return Batch(*(t[k] for t in _batch_fields(batch)))
+
+
 def _polyak(agents: Sequence[DDPG]) -> None:
     """Each agent's targets toward its networks by its own tau: one ``lerp`` call per tau,
     tensor by tensor (each row gets the floats of the agent's own ``lerp_``)."""
@@ -271,11 +287,15 @@ def _check_fits(k: int, agent: DDPG, other: DDPG) -> None:
 
 
 class Population:
-    """K fused agents of one shape whose flat buffers are rows of stacked storage."""
+    """K fused agents of one shape whose flat buffers are rows of stacked storage; with
+    their replay buffers (``buffers``), one gather samples every member's batch
+    (``StackedReplay``) where the buffers fit one stacked storage."""
 
-    def __init__(self, agents: Sequence[DDPG]):
+    def __init__(self, agents: Sequence[DDPG], buffers: Sequence[ReplayBuffer] | None = None):
         if not agents:
             raise ValueError("a population needs at least one agent")
+        if buffers is not None and len(buffers) != len(agents):
+            raise ValueError(f"{len(buffers)} replay buffers for {len(agents)} agents")
         first = agents[0]
         for i, agent in enumerate(agents):
             _check_fits(i, agent, first)
@@ -304,15 +324,52 @@ class Population:
         # per member, as (K, 1) columns: the target's discount
         self.gamma = torch.tensor([[a.cfg.gamma] for a in agents], device=device)
         self._check_views(agents)
+        self.buffers = list(buffers) if buffers is not None else None
+        self.replay = (
+            StackedReplay(self.buffers)
+            if self.buffers is not None and StackedReplay.fits(self.buffers)
+            else None
+        )
 
-    def replace(self, k: int, agent: DDPG) -> None:
-        """Put a new member in slot ``k`` (a finished or pruned member's): its values are
-        copied into the slot's rows, and from then on it trains there."""
+    def replace(self, k: int, agent: DDPG, buffer: ReplayBuffer | None = None) -> None:
+        """Put a new member in slot ``k`` (a finished or pruned member's): its values (and
+        its buffer's rows) are copied into the slot's storage; from then on it trains there."""
         _check_fits(k, agent, self.agents[0] if k else self.agents[-1])
+        if (self.buffers is None) != (buffer is None):
+            raise ValueError(f"member {k}: a replay buffer goes with every member or none")
         agent.rehome({name: rows[k] for name, rows in self.storage.items()})
         self.agents[k] = agent
         self.gamma[k, 0] = agent.cfg.gamma
         self._check_views([agent], offset=k)
+        if self.buffers is not None and buffer is not None:
+            self.buffers[k] = buffer
+            if self.replay is not None and StackedReplay.fits(self.buffers):
+                self.replay.replace(k, buffer)
+            else:  # another capacity: batches are gathered member by member from now on
+                self.replay = None
+
+    def learn(self, indices: Sequence[torch.Tensor | None]) -> tuple[list[Metrics | None], Batch]:
+        """One update of every member with row ``indices`` into its buffer (None: it does
+        not learn now): the batches gathered in one go where the buffers are stacked.
+        Returns each member's metrics and the stacked batch (``(K, B, ...)``)."""
+        if self.buffers is None:
+            raise ValueError("learn() needs the members' replay buffers")
+        active = [i is not None for i in indices]
+        if not any(active):
+            raise ValueError("learn() with no member learning")
+        if self.replay is not None:
+            batch = self.replay.gather(list(indices))
+        else:
+            template = next(k for k, i in enumerate(indices) if i is not None)
+            batch = _stack_batches(
+                [
+                    self.buffers[k].gather(i if i is not None else indices[template])  # type: ignore[arg-type]
+                    if i is not None
+                    else self.buffers[template].gather(indices[template])  # type: ignore[arg-type]
+                    for k, i in enumerate(indices)
+                ]
+            )
+        return self._update(batch, active), batch
 
     def _check_views(self, agents: Sequence[DDPG], offset: int = 0) -> None:
         """Every member's parameters are views of its row (what rehome promised)."""
@@ -341,20 +398,20 @@ class Population:
         if not any(active):
             return [None] * self.k
         template = next(b for b in batches if b is not None)
-        size = template.rewards.shape[0]
+        return self._update(
+            _stack_batches([b if b is not None else template for b in batches]), active
+        )
 
-        def stack(field: str, k: int) -> torch.Tensor:
-            b = batches[k]
-            return getattr(b if b is not None else template, field)
-
+    def _update(self, batch: Batch, active: Sequence[bool]) -> list[Metrics | None]:
+        """``update`` on the members' batches stacked ``(K, B, ...)`` (inactive members'
+        rows are ignored)."""
         agents = self.agents
-        raw_obs = [stack("obs", k) for k in range(self.k)]
-        raw_next = [stack("next_obs", k) for k in range(self.k)]
-        obs = torch.stack([a.obs_norm(o) for a, o in zip(agents, raw_obs, strict=True)])
-        next_obs = torch.stack([a.obs_norm(o) for a, o in zip(agents, raw_next, strict=True)])
-        actions = torch.stack([stack("actions", k) for k in range(self.k)])
-        rewards = torch.stack([stack("rewards", k) for k in range(self.k)])
-        terminated = torch.stack([stack("terminated", k) for k in range(self.k)])
+        size = batch.rewards.shape[1]
+        obs, next_obs = batch.obs, batch.next_obs
+        if any(a.obs_norm.enabled for a in agents):
+            obs = torch.stack([a.obs_norm(o) for a, o in zip(agents, obs, strict=True)])
+            next_obs = torch.stack([a.obs_norm(o) for a, o in zip(agents, next_obs, strict=True)])
+        actions, rewards, terminated = batch.actions, batch.rewards, batch.terminated
         noise = None  # (K, B, action_dim) when a learning member smooths its target
         for k, agent in enumerate(agents):
             if active[k]:  # from its own generator, as its single run draws

@@ -202,6 +202,14 @@ class ReplayBuffer:
         names = ("obs", "next_obs", "actions", "rewards", "terminated", "truncated")
         return {name: getattr(self, name) for name in names}
 
+    def rehome(self, rows: dict[str, torch.Tensor]) -> None:
+        """Keep the per-row storage (``_row_tensors``) in the given tensors from now on,
+        values copied: a population's buffers are rows of stacked storage (``StackedReplay``)
+        while each stays an ordinary buffer (adds, samples, checkpoints)."""
+        for name, mine in self._row_tensors().items():
+            rows[name].copy_(mine)
+            setattr(self, name, rows[name])
+
     def state_dict(self) -> dict[str, Any]:
         """The filled rows, write position and sampling RNG: plain tensors and ints only.
 
@@ -388,20 +396,142 @@ class CompactReplayBuffer(ReplayBuffer):
         kept = self.final_slot.index_select(0, idx) if self.final_obs.shape[0] else None
         # the newest rows: their next observation has no row yet
         j = (idx - self._recent_start) % self.capacity
-        if self.patch_on_host:
-            if kept is not None and bool((kept >= 0).any()):
-                rows = (kept >= 0).nonzero().squeeze(1)
-                out[rows] = self.final_obs.index_select(0, kept.index_select(0, rows).long())
-            if bool((j < n).any()):
-                rows = (j < n).nonzero().squeeze(1)
-                out[rows] = self.recent_next.index_select(0, j.index_select(0, rows))
-            return out
-        # on an accelerator: the same selection without a device-to-host sync
-        if kept is not None:
-            aside = self.final_obs.index_select(0, kept.clamp(min=0).long())
-            out = torch.where((kept >= 0).unsqueeze(-1), aside, out)
-        recent = self.recent_next.index_select(0, j.clamp(max=n - 1))
-        return torch.where((j < n).unsqueeze(-1), recent, out)
+        return _patch_next_obs(
+            out,
+            kept,
+            self.final_obs,
+            j < n,
+            j.clamp(max=n - 1),
+            self.recent_next,
+            self.patch_on_host,
+        )
+
+
+def _patch_next_obs(
+    out: torch.Tensor,
+    kept: torch.Tensor | None,
+    aside: torch.Tensor,
+    newest: torch.Tensor,
+    newest_at: torch.Tensor,
+    recent: torch.Tensor,
+    on_host: bool,
+) -> torch.Tensor:
+    """The compact buffer's next observations: ``out`` (read from the following rows) where
+    ``kept`` (a side-store slot per row, -1 for none; None: the side store is empty) points
+    into ``aside`` take that, and the ``newest`` rows take ``recent[newest_at]``. On the host
+    the rare rows are patched in place after a check; elsewhere the same selection is made
+    without a device-to-host sync."""
+    if on_host:
+        if kept is not None and bool((kept >= 0).any()):
+            rows = (kept >= 0).nonzero().squeeze(1)
+            out[rows] = aside.index_select(0, kept.index_select(0, rows).long())
+        if bool(newest.any()):
+            rows = newest.nonzero().squeeze(1)
+            out[rows] = recent.index_select(0, newest_at.index_select(0, rows))
+        return out
+    if kept is not None:
+        kept_obs = aside.index_select(0, kept.clamp(min=0).long())
+        out = torch.where((kept >= 0).unsqueeze(-1), kept_obs, out)
+    return torch.where(newest.unsqueeze(-1), recent.index_select(0, newest_at), out)
+
+
+class StackedReplay:
+    """K members' buffers of one kind and capacity, their rows in stacked ``(K, capacity,
+    ...)`` storage: one gather gives every member's batch with a leading K axis.
+
+    Each member still draws its indices from its own generator (``sample_indices``), so a
+    member's batch is the very batch its buffer would give alone.
+    """
+
+    def __init__(self, buffers: list[ReplayBuffer]):
+        first = buffers[0]
+        self.k, self.capacity = len(buffers), first.capacity
+        self.storage = {
+            name: torch.empty((self.k, *t.shape), dtype=t.dtype, device=t.device)
+            for name, t in first._row_tensors().items()
+        }
+        self.buffers: list[ReplayBuffer] = []
+        for k, buffer in enumerate(buffers):
+            self.buffers.append(buffer)
+            self.replace(k, buffer)
+
+    @staticmethod
+    def fits(buffers: list[ReplayBuffer]) -> bool:
+        """Whether these buffers can share stacked storage (same kind, capacity, shapes,
+        sampled where they are stored)."""
+        first = buffers[0]
+        key = (type(first), first.capacity, first.obs_dim, first.action_dim, first.device)
+        return all(
+            (type(b), b.capacity, b.obs_dim, b.action_dim, b.device) == key
+            and b.storage_device == b.device
+            for b in buffers
+        )
+
+    def replace(self, k: int, buffer: ReplayBuffer) -> None:
+        """Slot ``k``'s buffer from now on (its rows copied into the slot's storage)."""
+        if not self.fits([self.buffers[0] if k else buffer, buffer]):
+            raise ValueError(f"member {k}: its replay buffer does not fit the stacked storage")
+        buffer.rehome({name: rows[k] for name, rows in self.storage.items()})
+        self.buffers[k] = buffer
+
+    def _compact_next_obs(
+        self, idx: torch.Tensor, owners: list[int], offsets: torch.Tensor
+    ) -> torch.Tensor:
+        """``CompactReplayBuffer._next_obs`` for every member at once: the side stores and
+        newest observations of the members laid end to end, their slots shifted to match."""
+        buffers: list[CompactReplayBuffer] = [self.buffers[k] for k in owners]  # type: ignore[misc]
+        n = buffers[0].n_rows
+        assert n is not None
+        k, b = idx.shape
+        offsets = offsets.unsqueeze(1)
+        out = self._take("obs", ((idx + n) % self.capacity + offsets).view(-1), b).view(k * b, -1)
+        sizes = [buf.final_obs.shape[0] for buf in buffers]
+        kept = None
+        if any(sizes):
+            kept = self._take("final_slot", (idx + offsets).view(-1), b).long()
+            start = torch.tensor([0, *sizes[:-1]], device=idx.device).cumsum(0).unsqueeze(1)
+            kept = torch.where(kept >= 0, kept + start, kept).view(-1)
+        starts = torch.tensor([buf._recent_start for buf in buffers], device=idx.device)
+        j = (idx - starts.unsqueeze(1)) % self.capacity
+        at = j.clamp(max=n - 1) + torch.arange(k, device=idx.device).unsqueeze(1) * n
+        out = _patch_next_obs(
+            out,
+            kept,
+            torch.cat([buf.final_obs for buf in buffers]),
+            (j < n).view(-1),
+            at.view(-1),
+            torch.cat([buf.recent_next for buf in buffers]),
+            buffers[0].patch_on_host,
+        )
+        return out.view(k, b, -1)
+
+    def _take(self, name: str, flat_idx: torch.Tensor, b: int) -> torch.Tensor:
+        t = self.storage[name]
+        rows = t.view(self.k * self.capacity, *t.shape[2:]).index_select(0, flat_idx)
+        return rows.view(self.k, b, *t.shape[2:])
+
+    def gather(self, indices: list[torch.Tensor | None]) -> Batch:
+        """Every member's batch at its row indices, stacked ``(K, B, ...)``. A member without
+        indices (it does not learn now) gets another member's batch, to be ignored."""
+        template = next(k for k, i in enumerate(indices) if i is not None)
+        slots = [(k, i) if i is not None else (template, indices[template]) for k, i in
+                 enumerate(indices)]  # fmt: skip
+        idx = torch.stack([i for _, i in slots])  # type: ignore[misc]
+        b = idx.shape[1]
+        offsets = torch.tensor([k for k, _ in slots], device=idx.device) * self.capacity
+        flat = (idx + offsets.unsqueeze(1)).view(-1)
+        if isinstance(self.buffers[0], CompactReplayBuffer):
+            next_obs = self._compact_next_obs(idx, [k for k, _ in slots], offsets)
+        else:
+            next_obs = self._take("next_obs", flat, b)
+        return Batch(
+            obs=self._take("obs", flat, b),
+            actions=self._take("actions", flat, b),
+            rewards=self._take("rewards", flat, b),
+            next_obs=next_obs,
+            terminated=self._take("terminated", flat, b).float(),
+            truncated=self._take("truncated", flat, b).float(),
+        )
 
 
 def make_replay_buffer(

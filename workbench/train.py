@@ -278,7 +278,7 @@ def _refill(
                 run.build(interrupts)
                 run.t_loop = time.perf_counter()
                 if learner is not None:
-                    learner.replace(k, run.agent)
+                    learner.replace(k, run.agent, run.buffer)
             if run.running:
                 slots[k] = run
                 break
@@ -295,7 +295,7 @@ def _learner(runs: Sequence[_Run]) -> Any:
     broken = [run.k for run in runs if not hasattr(run, "agent")]
     if broken:  # the others end FAILED ("another member of its population failed to start")
         raise RuntimeError(f"population members {broken} failed to build their agents")
-    return Population([run.agent for run in runs])
+    return Population([run.agent for run in runs], [run.buffer for run in runs])
 
 
 def _loop(runs: Sequence[_Run], learner: Any, refill: Callable[[], None] | None = None) -> None:
@@ -355,16 +355,20 @@ def _learn(learning: Sequence[_Run], learner: Any, early: int, held: torch.Tenso
         (run,) = learning
         run.update_alone(run.cfg.agent.gradient_steps - early, held)
         return
+    from workbench.population import member_batch
+
     last: dict[int, Batch] = {}
     for g in range(max(r.cfg.agent.gradient_steps for r in learning)):
-        batches: list[Batch | None] = [None] * learner.k
+        indices: list[torch.Tensor | None] = [None] * learner.k
         for run in learning:
             if g < run.cfg.agent.gradient_steps:
-                batches[run.k] = last[run.k] = run.sample()
-        metrics = learner.update(batches)
+                indices[run.k] = run.buffer.sample_indices(run.cfg.agent.batch_size)
+        metrics, batch = learner.learn(indices)
         for run in learning:
             if metrics[run.k] is not None:
                 run.state.means.add(metrics[run.k])
+                if run.cfg.noise.kind == "param":  # it adapts on its last batch
+                    last[run.k] = member_batch(batch, run.k)
     for run in learning:
         run.updated(last.get(run.k))
 
@@ -610,9 +614,6 @@ class _Run:
             self.state.means.add(self.agent.update(self.buffer.gather(idx)))
             early += 1
         return early, None
-
-    def sample(self) -> Batch:
-        return self.buffer.gather(self.buffer.sample_indices(self.cfg.agent.batch_size))
 
     def update_alone(self, n: int, held: torch.Tensor | None) -> None:
         """This step's updates of a run trained on its own."""
