@@ -79,6 +79,40 @@ def test_members_match_their_single_agents_bit_for_bit(td3):
         assert torch.equal(single.generator.get_state(), member.generator.get_state())
 
 
+def test_learning_from_stacked_buffers_equals_gathering_member_by_member():
+    """``Population.learn`` gathers every member's batch in one go from stacked buffers;
+    where the buffers cannot be stacked it gathers member by member: the same updates."""
+    import numpy as np
+
+    from workbench.replay import make_replay_buffer
+
+    def population():
+        buffers = [make_replay_buffer(64, OBS, ACT, seed=s) for s in range(3)]
+        rng = np.random.default_rng(0)
+        for _ in range(50):
+            for buf in buffers:
+                obs, nxt = rng.normal(size=(2, 1, OBS)).astype(np.float32)
+                ended = rng.random(1) < 0.1
+                buf.add(obs, rng.uniform(-1, 1, (1, ACT)), rng.normal(size=1), nxt, ended, ended)
+        return Population(_agents([_cfg(**m) for m in MEMBERS], [0, 1, 2]), buffers)
+
+    stacked, one_by_one = population(), population()
+    assert stacked.replay is not None
+    one_by_one.replay = None
+    for step in range(6):
+        draws = [
+            [b.sample_indices(B) if step or k else None for k, b in enumerate(p.buffers)]
+            for p in (stacked, one_by_one)
+        ]
+        (got, got_batch), (want, want_batch) = stacked.learn(draws[0]), one_by_one.learn(draws[1])
+        for name in vars(want_batch):
+            assert torch.equal(getattr(got_batch, name), getattr(want_batch, name)), name
+        for a, b in zip(got, want, strict=True):
+            assert (a is None) == (b is None) and (a is None or a.keys() == b.keys())
+    for a, b in zip(stacked.agents, one_by_one.agents, strict=True):
+        assert torch.equal(a.actor_flat, b.actor_flat) and torch.equal(a.critic_flat, b.critic_flat)
+
+
 def test_per_member_values_really_differ_in_effect():
     """tau=1 copies the online networks into the targets; tau=0 leaves the targets alone."""
     configs = [_cfg(tau=1.0), _cfg(tau=0.0)]

@@ -361,14 +361,9 @@ class Population:
             batch = self.replay.gather(list(indices))
         else:
             template = next(k for k, i in enumerate(indices) if i is not None)
-            batch = _stack_batches(
-                [
-                    self.buffers[k].gather(i if i is not None else indices[template])  # type: ignore[arg-type]
-                    if i is not None
-                    else self.buffers[template].gather(indices[template])  # type: ignore[arg-type]
-                    for k, i in enumerate(indices)
-                ]
-            )
+            owners = [(k, i) if i is not None else (template, indices[template])
+                      for k, i in enumerate(indices)]  # fmt: skip
+            batch = _stack_batches([self.buffers[k].gather(i) for k, i in owners])  # type: ignore[arg-type]
         return self._update(batch, active), batch
 
     def _check_views(self, agents: Sequence[DDPG], offset: int = 0) -> None:
