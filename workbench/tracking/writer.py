@@ -292,7 +292,10 @@ class _Writer:
                 if tracker is None:
                     return
                 batch = tracker._take()
-            sent, dropped, err = tracker._send(batch)
+            try:
+                sent, dropped, err = tracker._send(batch)
+            except Exception as unexpected:  # kept to retry: one run's trouble ends no thread
+                sent, dropped, err = 0, 0, _one_line(unexpected)
             with self.cv:
                 tracker._sent(batch, sent, dropped, err)
                 self.cv.notify_all()
