@@ -21,6 +21,7 @@ On an accelerator the products are always batched (no bitwise claim there).
 
 from __future__ import annotations
 
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 
@@ -30,7 +31,7 @@ from workbench import fused as fz
 from workbench.config import Config
 from workbench.ddpg import DDPG, Metrics
 from workbench.networks import ACTIVATIONS, flat_views
-from workbench.replay import Batch, ReplayBuffer, StackedReplay
+from workbench.replay import Batch, ReplayBuffer, StackedReplay, stand_ins
 
 # What members of one population must share: everything that sets a tensor's shape (the
 # env sets the observation and action sizes), and the update path the population batches.
@@ -82,6 +83,7 @@ def check_members(configs: Sequence[Config]) -> None:
 
 
 _PROBED: dict[tuple[object, ...], bool] = {}
+_PROBE_DRAWS = 8
 
 
 def _batched_is_exact(
@@ -97,9 +99,11 @@ def _batched_is_exact(
         return True
     key = (kind, k, rows, n_in, n_out)
     if key not in _PROBED:
-        g = torch.Generator().manual_seed(len(_PROBED))
+        # For some shapes (a one-row, one-unit product) the kernels differ only for some
+        # data: several draws, and the same draws whatever was probed before.
+        g = torch.Generator().manual_seed(zlib.crc32(repr(key).encode()))
         same = True
-        for _ in range(2):
+        for _ in range(_PROBE_DRAWS):
             w = torch.randn(k, n_out, n_in + (3 if kind == "gc" else 0), generator=g)
             b = torch.randn(k, n_out, generator=g)
             x = torch.randn(k, rows, n_in, generator=g)
@@ -360,10 +364,8 @@ class Population:
         if self.replay is not None:
             batch = self.replay.gather(list(indices))
         else:
-            template = next(k for k, i in enumerate(indices) if i is not None)
-            owners = [(k, i) if i is not None else (template, indices[template])
-                      for k, i in enumerate(indices)]  # fmt: skip
-            batch = _stack_batches([self.buffers[k].gather(i) for k, i in owners])  # type: ignore[arg-type]
+            owners = stand_ins(list(indices))
+            batch = _stack_batches([self.buffers[k].gather(i) for k, i in owners])
         return self._update(batch, active), batch
 
     def _check_views(self, agents: Sequence[DDPG], offset: int = 0) -> None:

@@ -435,6 +435,13 @@ def _patch_next_obs(
     return torch.where(newest.unsqueeze(-1), recent.index_select(0, newest_at), out)
 
 
+def stand_ins(indices: list[torch.Tensor | None]) -> list[tuple[int, torch.Tensor]]:
+    """(owner, indices) per member: its own, or for a member without indices (it does not
+    learn now) the first learning member's, so every row of a stacked batch is real data."""
+    first = next(k for k, i in enumerate(indices) if i is not None)
+    return [(k, i) if i is not None else (first, indices[first]) for k, i in enumerate(indices)]  # type: ignore[misc]
+
+
 class StackedReplay:
     """K members' buffers of one kind and capacity, their rows in stacked ``(K, capacity,
     ...)`` storage: one gather gives every member's batch with a leading K axis.
@@ -513,10 +520,8 @@ class StackedReplay:
     def gather(self, indices: list[torch.Tensor | None]) -> Batch:
         """Every member's batch at its row indices, stacked ``(K, B, ...)``. A member without
         indices (it does not learn now) gets another member's batch, to be ignored."""
-        template = next(k for k, i in enumerate(indices) if i is not None)
-        slots = [(k, i) if i is not None else (template, indices[template]) for k, i in
-                 enumerate(indices)]  # fmt: skip
-        idx = torch.stack([i for _, i in slots])  # type: ignore[misc]
+        slots = stand_ins(indices)
+        idx = torch.stack([i for _, i in slots])
         b = idx.shape[1]
         offsets = torch.tensor([k for k, _ in slots], device=idx.device) * self.capacity
         flat = (idx + offsets.unsqueeze(1)).view(-1)
