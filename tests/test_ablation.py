@@ -320,8 +320,8 @@ def _children(client, experiment):
 
 def test_population_ablation_equals_the_sequential_one_and_is_reused(tmp_path, capfd):
     """``--population 4``: the four cells train as one population, each its own FINISHED
-    child run with the usual tags, the same final scores as the cells run one by one (on a
-    CPU, bit for bit), and a re-run reuses them all."""
+    child run with the usual tags, the final scores of the cells run one by one (to float
+    rounding), and a re-run reuses them all."""
     from workbench.ablation import group_jobs, plan
 
     spec = _tau(tmp_path, "pop")
@@ -353,10 +353,10 @@ def test_population_ablation_equals_the_sequential_one_and_is_reused(tmp_path, c
         ]
         for r in _children(client, "ablation-seq")
     }
-    assert pop == one_by_one  # bit for bit
-    assert {v: sorted(s) for v, s in result.scores.items()} == {
-        v: sorted(s) for v, s in seq.scores.items()
-    }
+    for key, value in one_by_one.items():  # to float rounding (tests/test_population.py)
+        assert pop[key] == pytest.approx(value, rel=1e-4), key
+    for variant, scores in seq.scores.items():
+        assert sorted(result.scores[variant]) == pytest.approx(sorted(scores), rel=1e-4)
 
     again = run_ablation(spec, workers=2, population=4, out_dir=tmp_path / "pop")
     assert (again.ran, again.skipped, again.failed) == (0, 4, [])
@@ -364,9 +364,9 @@ def test_population_ablation_equals_the_sequential_one_and_is_reused(tmp_path, c
 
 
 def test_group_jobs_splits_by_shape_and_chunks_by_size():
-    """Fresh jobs that share every SHAPE_KEYS value and can be batched go together, in
-    chunks of at most K; another shape is another population; a job that cannot be batched
-    or continues a checkpoint runs alone; K=1 is one run at a time."""
+    """Jobs that share every population.SHARED_KEYS value go together (a job that continues a
+    checkpoint too), in chunks of at most K; another shape is another population; K=1 is
+    one run at a time."""
     import dataclasses
 
     from workbench.ablation import AblationSpec, group_jobs, plan
@@ -393,18 +393,16 @@ def test_group_jobs_splits_by_shape_and_chunks_by_size():
     assert names(group_jobs(jobs, 6)) == [
         ["a0", "a1", "b0", "b1", "c0", "c1"],
         ["wide0", "wide1"],
-        ["ln0"],
-        ["ln1"],
+        ["ln0", "ln1"],
     ]
     assert names(group_jobs(jobs, 4)) == [
         ["a0", "a1", "b0"],
         ["b1", "c0", "c1"],
         ["wide0", "wide1"],
-        ["ln0"],
-        ["ln1"],
+        ["ln0", "ln1"],
     ]
     resumed = [dataclasses.replace(jobs[0], resume="run"), *jobs[1:4]]
-    assert names(group_jobs(resumed, 4)) == [["a0"], ["a1", "b0", "b1"]]
+    assert names(group_jobs(resumed, 4)) == [["a0", "a1", "b0", "b1"]]
     assert names(group_jobs(jobs, 1)) == [[f"{j.variant}{j.seed}"] for j in jobs]
     with pytest.raises(ValueError, match="population=0"):
         group_jobs(jobs, 0)

@@ -30,7 +30,7 @@ def test_bench_reports_every_figure_with_sb3_when_installed():
     out = speed.run_bench(TINY, **QUICK)
     assert out["settings"]["env_id"] == "Pendulum-v1"
     assert out["settings"]["utd"] == 1.0
-    assert out["settings"]["perf"]["fused_update"] is True
+    assert out["settings"]["perf"]["replay_compact"] is True
     assert out["machine"]["torch_threads"] == 1
 
     up = out["update"]

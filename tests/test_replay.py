@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from workbench.replay import ReplayBuffer, make_replay_buffer
+from workbench.replay import make_replay_buffer, make_storage
 
 
 def _add(buf, start, n, n_envs=1):
@@ -19,27 +19,28 @@ def _add(buf, start, n, n_envs=1):
 
 
 def test_wraps_around_and_keeps_the_newest():
-    buf = ReplayBuffer(5, obs_dim=2, action_dim=1)
+    buf = make_replay_buffer(5, 2, 1, compact=False)
     _add(buf, 0, 7)
     assert len(buf) == 5
     assert buf.pos == 2
-    assert sorted(buf.rewards.tolist()) == [2, 3, 4, 5, 6]
+    rows = buf.rows
+    assert sorted(rows["rewards"].tolist()) == [2, 3, 4, 5, 6]
     # obs, next_obs, flags stay aligned row by row after wrapping
-    assert torch.equal(buf.next_obs[:, 0], buf.obs[:, 0] + 0.5)
-    r = buf.rewards.long()
-    assert torch.equal(buf.terminated, r % 3 == 0)
-    assert torch.equal(buf.truncated, r % 5 == 0)
+    assert torch.equal(rows["next_obs"][:, 0], rows["obs"][:, 0] + 0.5)
+    r = rows["rewards"].long()
+    assert torch.equal(rows["terminated"], r % 3 == 0)
+    assert torch.equal(rows["truncated"], r % 5 == 0)
 
 
 def test_batched_add_from_vector_envs_wraps():
-    buf = ReplayBuffer(10, obs_dim=2, action_dim=1)
+    buf = make_replay_buffer(10, 2, 1, compact=False)
     _add(buf, 0, 6, n_envs=4)  # 24 rows into 10 slots
     assert len(buf) == 10
-    assert sorted(buf.rewards.long().tolist()) == list(range(14, 24))
+    assert sorted(buf.rows["rewards"].long().tolist()) == list(range(14, 24))
 
 
 def test_terminated_and_truncated_are_stored_apart():
-    buf = ReplayBuffer(16, obs_dim=2, action_dim=1)
+    buf = make_replay_buffer(16, 2, 1, compact=False)
     _add(buf, 0, 16)
     batch = buf.sample(256)
     r = batch.rewards.long()
@@ -49,7 +50,7 @@ def test_terminated_and_truncated_are_stored_apart():
 
 
 def test_sampling_is_seeded_and_within_the_filled_part():
-    a, b = ReplayBuffer(100, 2, 1, seed=3), ReplayBuffer(100, 2, 1, seed=3)
+    a, b = (make_replay_buffer(100, 2, 1, seed=3, compact=False) for _ in range(2))
     _add(a, 0, 10)
     _add(b, 0, 10)
     sa, sb = a.sample(64), b.sample(64)
@@ -59,8 +60,11 @@ def test_sampling_is_seeded_and_within_the_filled_part():
 
 
 def test_footprint_is_reported():
-    buf = ReplayBuffer(1000, obs_dim=26, action_dim=6)
+    buf = make_replay_buffer(1000, 26, 6, compact=False)
     assert buf.nbytes == 1000 * (26 * 4 * 2 + 6 * 4 + 4 + 2)
+    # a row of a storage of 3 counts its own row only
+    row = make_storage(3, 1000, 26, 6, compact=False).buffer(1, seed=0)
+    assert row.nbytes == buf.nbytes
 
 
 def _trajectory(rng, steps, n_envs, obs_dim=3):
@@ -113,47 +117,46 @@ def test_state_dict_refuses_another_shape():
 
 
 @pytest.mark.parametrize("compact", [False, True])
-def test_stacked_buffers_gather_each_members_own_batch(compact):
-    """A population's buffers as rows of stacked storage: one gather gives each member the
-    batch its own buffer gives (side-stored and newest next observations included, after
-    wrapping around); a member without indices gets another's rows; a new member can take
-    a slot; each buffer still adds, samples and checkpoints on its own."""
-    from workbench.replay import StackedReplay
+def test_one_gather_gives_each_member_the_batch_of_its_own_buffer(compact):
+    """K members' buffers as rows of one storage: one gather gives each member the batch a
+    buffer of its own gives (side-stored and newest next observations included, after
+    wrapping around); a member without indices gets another's rows; a new member can take a
+    slot; each buffer still adds, samples and checkpoints on its own."""
 
     def add(buf, item):
         obs, nxt, ended = item
         buf.add(obs, np.full((2, 1), obs[0, 0], np.float32), obs[:, 0], nxt, ended, ended)
 
-    def fill(seed, steps):
-        twins = [make_replay_buffer(24, 3, 1, seed=seed, compact=compact) for _ in range(2)]
-        for item in _trajectory(np.random.default_rng(seed), steps, n_envs=2):
-            for buf in twins:
-                add(buf, item)
-        return twins
+    storage = make_storage(3, 24, 3, 1, compact=compact)
 
-    members, alone = zip(*(fill(seed, 5 + 9 * seed) for seed in range(3)), strict=True)
-    stacked = StackedReplay(list(members))
-    for member in members:  # adds keep going into the stacked rows
-        add(member, next(_trajectory(np.random.default_rng(7), 1, n_envs=2)))
-    for buf in alone:
-        add(buf, next(_trajectory(np.random.default_rng(7), 1, n_envs=2)))
+    def fill(slot, seed, steps):
+        """The buffer in ``slot`` and its twin alone, the same transitions in both."""
+        member = storage.buffer(slot, seed)
+        alone = make_replay_buffer(24, 3, 1, seed=seed, compact=compact)
+        for item in _trajectory(np.random.default_rng(seed), steps, n_envs=2):
+            add(member, item)
+            add(alone, item)
+        return member, alone
+
+    members, alone = zip(*(fill(k, k, 5 + 9 * k) for k in range(3)), strict=True)
 
     def check(indices, owners):
-        got = stacked.gather(indices)
+        got = storage.gather(indices)
         for k, owner in enumerate(owners):
             i = indices[k] if indices[k] is not None else indices[owner]
             want = alone[owner].gather(i)
             for name in vars(want):
                 assert torch.equal(getattr(got, name)[k], getattr(want, name)), (k, name)
+            one = members[owner].gather(i)  # a member's own gather: the same rows
+            for name in vars(want):
+                assert torch.equal(getattr(one, name), getattr(want, name)), (k, name)
 
     for _ in range(5):
         check([m.sample_indices(16) for m in members], [0, 1, 2])
     check([None, members[1].sample_indices(16), members[2].sample_indices(16)], [1, 1, 2])
     assert members[2].state_dict()["rows"]["obs"].shape[0] == len(members[2])
 
-    newcomer, newcomer_alone = fill(5, 4)
-    stacked.replace(0, newcomer)
+    newcomer, newcomer_alone = fill(0, 5, 4)  # a new member takes slot 0, from empty
     members, alone = (newcomer, *members[1:]), (newcomer_alone, *alone[1:])
+    assert len(newcomer) == 8
     check([m.sample_indices(16) for m in members], [0, 1, 2])
-    with pytest.raises(ValueError, match="member 1: its replay buffer does not fit"):
-        stacked.replace(1, make_replay_buffer(30, 3, 1, compact=compact))

@@ -69,7 +69,7 @@ def _only_run(store, experiment="pendulum"):
     [
         [],
         # every other piece of state: twin critics and delays, OU noise per env, running
-        # obs statistics, epsilon-random actions, two envs, the plain buffer and update path
+        # obs statistics, epsilon-random actions, two envs, the plain buffer
         [
             "agent=td3",
             "noise=ou",
@@ -77,7 +77,7 @@ def _only_run(store, experiment="pendulum"):
             "env.normalize_obs=true",
             "epsilon.start=0.2",
             "perf.replay_compact=false",
-            "perf.fused_update=false",
+            "agent.layer_norm=true",
             "perf.device_metrics=false",
         ],
         ["noise=param", "schedule=linear", "schedule.end=0.02"],

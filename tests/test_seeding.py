@@ -27,7 +27,9 @@ def test_replay_sampling_and_target_noise_are_not_in_lockstep():
     """Both used to be seeded with the run seed: batch index j drove sample j's smoothing
     noise. Their first draws must now be unrelated."""
     cfg = compose(["agent=td3", "agent.actor_hidden=[8]", "agent.critic_hidden=[8]"])
-    agent, buffer = build_learner(cfg, 3, 1, torch.device("cpu"))
+    learner, replay = build_learner(cfg, 1, 3, 1, torch.device("cpu"))
+    agent = learner.place(0, cfg.agent, seed=cfg.seed, normalize_obs=False)
+    buffer = replay.buffer(0, cfg.seed)
     assert not torch.equal(agent.generator.get_state(), buffer.generator.get_state())
     words = [
         torch.randint(0, 2**62, (64,), generator=g) for g in (agent.generator, buffer.generator)

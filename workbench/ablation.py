@@ -7,16 +7,16 @@ variant x seed as a child of one parent MLflow run, skipping runs already FINISH
 reports IQM, bootstrap CIs, probability of improvement and Mann-Whitney U against the
 baseline: in the terminal, as markdown + CSV, and as figures on the parent run.
 
-``--population K`` trains fresh variant x seed runs that share every ``population.SHAPE_KEYS``
-value as populations of up to K (``train_population``: one program, one batched update);
-each member is the very child run, with the very floats on a CPU, that it would be alone.
+A worker trains its runs as populations (``train_population``: one program, one batched
+update) of up to ``--population K`` runs that share every ``population.SHARED_KEYS`` value;
+K=1 (the default) is one run at a time through the same code. Each member is the child run
+it would be alone, equal to it to float rounding (``ddpg``).
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -30,19 +30,13 @@ from rich.table import Table
 
 from workbench import stats
 from workbench.checkpoint import CheckpointError, prepare_resume
-from workbench.config import (
-    Config,
-    ConfigError,
-    TrackingConfig,
-    compose,
-    config_hash,
-    get_key,
-)
+from workbench.config import ConfigError, TrackingConfig, compose, config_hash
+from workbench.errors import Interrupted
+from workbench.population import shared_values
 from workbench.specfile import Problems, compose_error_text, parse_yaml, read_spec_text
 from workbench.tracking import (
     ParentRun,
     RunRecord,
-    Tracker,
     ends_run,
     metric_history,
     probe_store,
@@ -210,62 +204,30 @@ def plan(spec: AblationSpec) -> list[Job]:
     return jobs
 
 
-Unit = tuple[Job, ...]  # what one worker trains at once: one job, or a population of jobs
-
-
-def _batchable(cfg: Config) -> bool:
-    """Whether a run can be a member of a population (``population.check_members``'s rule)."""
-    return cfg.perf.fused_update and not cfg.perf.compile and not cfg.agent.layer_norm
-
-
-def _shape(cfg: Config) -> str:
-    """The values of ``SHAPE_KEYS``, as one comparable key."""
-    from workbench.population import SHAPE_KEYS
-
-    values = {key: get_key(cfg, key) for key in SHAPE_KEYS}
-    return json.dumps(values, sort_keys=True, default=repr)
+Unit = tuple[Job, ...]  # what a worker trains at once: K jobs as one population (K >= 1)
 
 
 def group_jobs(jobs: Sequence[Job], population: int) -> list[Unit]:
-    """The jobs as units of work: populations of at most ``population`` fresh jobs that share
-    every ``population.SHAPE_KEYS`` value and can be batched, and single jobs for the rest.
-
-    A job that continues a run from its checkpoint (``resume``), or whose config cannot be
-    batched (no fused update, compile, layer norm), is a unit of its own, as is every job
-    when ``population`` is 1. A group larger than ``population`` is split into chunks of
-    near-equal size, in plan order. Units come in plan order of their first job.
+    """The jobs as units of work: populations of at most ``population`` jobs that share
+    every ``population.SHARED_KEYS`` value (a job that continues a run from its checkpoint
+    too); with ``population`` 1, each job alone. A group larger than ``population`` is split
+    into chunks of near-equal size, in plan order. Units come in plan order of their first
+    job.
     """
-    from workbench.population import check_members
-
     if population < 1:
         raise ValueError(f"population={population}: must be >= 1")
-    if population == 1:
-        return [(job,) for job in jobs]
-    groups: dict[str, list[tuple[Job, Config]]] = {}
-    firsts: dict[str, int] = {}
-    units: list[tuple[tuple[int, int], Unit]] = []
-    for i, job in enumerate(jobs):
+    groups: dict[str, list[Job]] = {}
+    for job in jobs:
         cfg = compose(list(job.overrides), validate_config=False)
-        if job.resume is not None or not _batchable(cfg):
-            units.append(((i, 0), (job,)))
-            continue
-        key = _shape(cfg)
-        groups.setdefault(key, []).append((job, cfg))
-        firsts.setdefault(key, i)
-    for key, group in groups.items():
+        groups.setdefault(shared_values(cfg), []).append(job)
+    units = []
+    for group in groups.values():
         n = math.ceil(len(group) / population)
-        for j, chunk in enumerate(np.array_split(np.arange(len(group)), n)):
-            members = tuple(group[int(m)][0] for m in chunk)
-            if len(members) > 1:
-                try:  # the rule above is check_members'; a population must pass it too
-                    check_members([group[int(m)][1] for m in chunk])
-                except ConfigError as err:
-                    log.warning("cannot train %s as a population (%s)", _names(members), err)
-                    units += [((firsts[key], j), (m,)) for m in members]
-                    continue
-            units.append(((firsts[key], j), members))
-    units.sort(key=lambda u: u[0])  # plan order; a group's chunks together
-    return [unit for _, unit in units]
+        units += [
+            tuple(group[int(m)] for m in chunk) for chunk in np.array_split(range(len(group)), n)
+        ]
+    order = {job: i for i, job in enumerate(jobs)}
+    return sorted(units, key=lambda unit: order[unit[0]])
 
 
 def _names(jobs: Sequence[Job]) -> str:
@@ -273,79 +235,64 @@ def _names(jobs: Sequence[Job]) -> str:
 
 
 def run_jobs(units: Sequence[Unit], ablation: str, parent_run_id: str | None) -> None:
-    """One worker process: its share of the grid, one unit (a run or a population) after
+    """One worker process: its share of the grid, one unit (K runs as one program) after
     another.
 
-    A failing run is logged and ends FAILED in MLflow (train() sees to that); the worker
-    goes on with its next unit. MLflow is the record of what finished.
+    A failing run is logged and ends FAILED in MLflow (train_population sees to that); the
+    worker goes on with its next unit. Ctrl-C: each run writes a checkpoint at its next
+    episode boundary and ends KILLED, then this worker stops. MLflow is the record of what
+    finished.
     """
     from workbench.logs import setup_logging
 
     setup_logging()
     for unit in units:
-        if len(unit) == 1:
-            _run_single(unit[0], ablation, parent_run_id)
-        else:
-            _run_population(unit, ablation, parent_run_id)
+        _run_unit(unit, ablation, parent_run_id)
 
 
-def _child(
-    job: Job, cfg: Config, ablation: str, parent_run_id: str | None
-) -> tuple[Tracker, dict[str, str]]:
-    """The tracker and tags of a job's child run: the same for a single run and a member."""
+def _run_unit(jobs: Unit, ablation: str, parent_run_id: str | None) -> None:
+    """The jobs as one population; each member is the child run its job would be alone, and
+    a job with an unfinished run continues it from its latest checkpoint."""
     from workbench.tracking import make_tracker
-
-    tracker = make_tracker(
-        cfg.tracking,
-        run_name=f"{job.variant}-s{job.seed}",
-        parent_run_id=parent_run_id,
-        resume_run_id=cfg.resume,
-    )
-    return tracker, {ABLATION_TAG: ablation, VARIANT_TAG: job.variant, ROLE_TAG: "child"}
-
-
-def _run_single(job: Job, ablation: str, parent_run_id: str | None) -> None:
-    from workbench.train import train
-
-    cfg, state = compose(list(job.overrides)), None
-    if job.resume is not None:
-        try:
-            cfg, state = prepare_resume(compose([*job.overrides, f"resume={job.resume}"]), ())
-        except CheckpointError as err:
-            log.warning(
-                "%s seed %d: run %s cannot be continued (%s); starting afresh",
-                job.variant,
-                job.seed,
-                job.resume,
-                err,
-            )
-    tracker, tags = _child(job, cfg, ablation, parent_run_id)
-    try:
-        # Ctrl-C: a checkpoint at the next episode boundary, then this worker stops
-        train(cfg, tracker, tags=tags, resume_state=state, handle_signals=True)
-    except Exception as err:
-        log.error("%s seed %d failed: %s", job.variant, job.seed, err)
-
-
-def _run_population(jobs: Unit, ablation: str, parent_run_id: str | None) -> None:
-    """Fresh jobs of one shape as one program; each member is the child run its job would be.
-    Ctrl-C ends every member KILLED (a re-run continues each from its latest checkpoint)."""
     from workbench.train import Member, train_population
 
     members = []
     for job in jobs:
-        cfg = compose(list(job.overrides))
-        tracker, tags = _child(job, cfg, ablation, parent_run_id)
-        members.append(Member(cfg, tracker=tracker, tags=tags))
-    log.info("training %d runs as one population: %s", len(jobs), _names(jobs))
+        cfg, state = compose(list(job.overrides)), None
+        if job.resume is not None:
+            try:
+                cfg, state = prepare_resume(compose([*job.overrides, f"resume={job.resume}"]), ())
+            except CheckpointError as err:
+                log.warning(
+                    "%s seed %d: run %s cannot be continued (%s); starting afresh",
+                    job.variant,
+                    job.seed,
+                    job.resume,
+                    err,
+                )
+        tracker = make_tracker(
+            cfg.tracking,
+            run_name=f"{job.variant}-s{job.seed}",
+            parent_run_id=parent_run_id,
+            resume_run_id=cfg.resume,
+        )
+        tags = {ABLATION_TAG: ablation, VARIANT_TAG: job.variant, ROLE_TAG: "child"}
+        members.append(Member(cfg, tracker=tracker, tags=tags, resume_state=state))
+    if len(jobs) > 1:
+        log.info("training %d runs as one population: %s", len(jobs), _names(jobs))
     try:
-        train_population(members)
-    except Exception as err:  # one of the population as a whole: its runs have ended FAILED
-        log.error("population of %s failed: %s", _names(jobs), err)
+        train_population(members, handle_signals=True)
+    except Exception as err:  # of the population as a whole: its runs have ended FAILED
+        log.error("%s failed: %s", _names(jobs), err)
         return
+    interrupted = None
     for job, member in zip(jobs, members, strict=True):
-        if member.error is not None:
+        if isinstance(member.error, Interrupted):
+            interrupted = member.error
+        elif member.error is not None:
             log.error("%s seed %d failed: %s", job.variant, job.seed, member.error)
+    if interrupted is not None:
+        raise interrupted  # Ctrl-C: this worker stops
 
 
 def _run_jobs(
@@ -446,8 +393,8 @@ def run_ablation(
 ) -> AblationResult:
     """Run what is missing (unless ``run`` is False), then report over what is finished.
 
-    ``population``: train up to that many fresh runs of one shape as one program
-    (``group_jobs``); on a CPU each gives the floats of its run alone."""
+    ``population``: train up to that many runs of one shape as one program
+    (``group_jobs``)."""
     uri = resolve_uri(spec.tracking_uri, spec.tracking_dir)
     # One quick request first: MLflow's own client retries an unreachable server for minutes.
     probe_store(uri, spec.experiment)

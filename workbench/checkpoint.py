@@ -225,7 +225,9 @@ def prepare_resume(cfg: Config, overrides: Sequence[str]) -> tuple[Config, dict[
         raise CheckpointError(
             f"checkpoint in {directory} belongs to run {state.get('run_id')!r}, not {cfg.resume!r}"
         )
-    resumed = to_config(OmegaConf.create(state["config"]))
+    saved = state["config"]
+    saved.get("perf", {}).pop("fused_update", None)  # a switch of earlier versions: gone
+    resumed = to_config(OmegaConf.create(saved))
     for key in keys:
         _set(resumed, key, get_key(cfg, key))
     resumed.resume = cfg.resume

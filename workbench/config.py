@@ -137,10 +137,9 @@ class PerfConfig:
     """How fast a run goes, never what it learns: left out of the config hash.
 
     Every switch has a plain counterpart that gives the same result for the same seed
-    (to float rounding for ``fused_update`` and ``compile``; exactly for the rest).
+    (to float rounding for ``compile``; exactly for the rest).
     """
 
-    fused_update: bool = True  # flat params, hand-written backward, one Adam/Polyak kernel
     compile: bool = False  # torch.compile the update step (eager if compilation fails)
     compile_mode: str | None = None  # None: reduce-overhead with CUDA graphs, else default
     cuda_graphs: bool = True  # on CUDA with compile: capture the update in CUDA graphs

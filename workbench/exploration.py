@@ -15,7 +15,6 @@ the action-noise sequence, and none of them collides with another stream of the 
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -26,6 +25,7 @@ from torch import nn
 
 from workbench import seeding
 from workbench.config import SCHEDULE_KINDS, EpsilonConfig, NoiseConfig, ScheduleConfig
+from workbench.networks import copy_module
 
 __all__ = [
     "ActionNoise",
@@ -360,7 +360,7 @@ class Explorer:
 
     @staticmethod
     def _frozen_copy(actor: nn.Module) -> nn.Module:
-        clone = copy.deepcopy(actor)
+        clone = copy_module(actor)
         clone.requires_grad_(False)
         return clone
 

@@ -6,6 +6,7 @@ happens at the env boundary and inside the exported policy, so the agent never s
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,10 +20,10 @@ _aten = torch.ops.aten
 @dataclass(frozen=True)
 class Activation:
     """One activation, everywhere it is needed: the module the networks are built of, and
-    for the fused update (``workbench.fused``) its forward (in place on the pre-activation
+    for the hand-written passes (``ddpg.StackedMLP``) its forward (in place on the pre-activation
     when ``needs_pre`` is false), whether its backward needs the pre-activation (else the
     output is enough), and the backward ATen kernel autograd itself uses for that module,
-    so the fused pass computes what autograd computes."""
+    so the hand-written passes compute what autograd computes."""
 
     module: type[nn.Module]
     forward: Callable[[torch.Tensor], torch.Tensor]
@@ -125,32 +126,6 @@ class Critic(nn.Module):
         return self.qs[0](torch.cat([obs, action], dim=-1)).squeeze(-1)
 
 
-def flatten_parameters(module: nn.Module) -> torch.Tensor:
-    """Re-home ``module``'s parameters as views of one contiguous buffer, and return it.
-
-    One buffer per network lets an optimizer step, a gradient clip or a Polyak update be a
-    single kernel instead of one per tensor. The parameters stay ordinary leaf
-    ``nn.Parameter``s (``state_dict``, ``load_state_dict``, ``deepcopy`` and the forward
-    pass are unchanged); in-place updates of the buffer are updates of the parameters.
-    Call it after moving the module to its device: ``.to()`` makes new tensors.
-    """
-    params = list(module.parameters())
-    if not params:
-        raise ValueError("module has no parameters to flatten")
-    first = params[0]
-    if any(p.device != first.device or p.dtype != first.dtype for p in params):
-        raise ValueError("all parameters must share one device and dtype to be flattened")
-    flat = torch.empty(sum(p.numel() for p in params), dtype=first.dtype, device=first.device)
-    offset = 0
-    with torch.no_grad():
-        for p in params:
-            view = flat[offset : offset + p.numel()].view_as(p)
-            view.copy_(p)
-            p.data = view
-            offset += p.numel()
-    return flat
-
-
 def flat_views(flat: torch.Tensor, module: nn.Module) -> list[torch.Tensor]:
     """Views of ``flat`` shaped like ``module``'s parameters, in ``parameters()`` order."""
     views, offset = [], 0
@@ -160,6 +135,15 @@ def flat_views(flat: torch.Tensor, module: nn.Module) -> list[torch.Tensor]:
     if offset != flat.numel():
         raise ValueError(f"flat buffer has {flat.numel()} elements, the module {offset}")
     return views
+
+
+def copy_module(module: nn.Module) -> nn.Module:
+    """A deep copy of ``module`` whose tensors own their memory (a plain deep copy of an
+    agent's network copies the whole stacked buffer its parameters are views of)."""
+    clone = copy.deepcopy(module)
+    for t in (*clone.parameters(), *clone.buffers()):
+        t.data = t.data.clone()
+    return clone
 
 
 class ObsNormalizer(nn.Module):

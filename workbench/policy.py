@@ -15,7 +15,6 @@ network from ``spec.json`` and loads ``weights.pt`` safely: one call, no trainin
 
 from __future__ import annotations
 
-import copy
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from workbench.networks import ACTIVATIONS, Actor, ObsNormalizer
+from workbench.networks import ACTIVATIONS, Actor, ObsNormalizer, copy_module
 
 POLICY_FILE = "policy.pt2"
 WEIGHTS_FILE = "weights.pt"
@@ -111,7 +110,7 @@ def save_policy(
     """Export a CPU copy of the policy and its spec into ``out_dir``; returns the dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     module = ExportedPolicy(
-        copy.deepcopy(actor).cpu().eval(), copy.deepcopy(obs_norm).cpu().eval(), low, high
+        copy_module(actor).cpu().eval(), copy_module(obs_norm).cpu().eval(), low, high
     ).eval()
     spec = {**spec, "architecture": describe(actor, obs_norm)}
     torch.save(module.state_dict(), out_dir / WEIGHTS_FILE)

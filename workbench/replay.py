@@ -1,4 +1,10 @@
-"""Replay buffers preallocated on the training device.
+"""Replay buffers preallocated on the training device, as rows of one stacked storage.
+
+A ``ReplayStorage`` owns the rows of K members' buffers as ``(K, capacity, ...)`` tensors;
+one ``gather`` gives every member's batch with a leading K axis. A ``ReplayBuffer`` is one
+member's row: it writes its transitions there, draws its indices from its own generator
+(so a member's batch is the batch it would get alone) and checkpoints its own rows. A run
+trained alone is a storage of one row, through the same gather.
 
 Transitions are written and sampled as tensors on the device, so a training step never
 round-trips a batch through the host (``storage_device="cpu"`` keeps them on the host instead
@@ -7,12 +13,12 @@ and copies each batch over: the plain path, for comparison). ``terminated`` and
 stops at true termination. Observations are stored raw and exactly (float32); normalization
 is applied at sampling time so that changing statistics never leave stale normalized data.
 
-``CompactReplayBuffer`` stores each observation once: a transition's next observation is,
-bit for bit, the observation its env reported at the following step, so it is read from
-that row (``n_envs`` rows further on). Where it is not (an episode ended: under SAME_STEP
-autoreset the next row holds the reset observation) the true next observation is kept in a
-small side store. That halves the observation memory: 1M HalfCheetah transitions take
-~138 MB instead of ~238 MB.
+A compact storage (``CompactReplayBuffer`` rows) stores each observation once: a
+transition's next observation is, bit for bit, the observation its env reported at the
+following step, so it is read from that row (``n_envs`` rows further on). Where it is not
+(an episode ended: under SAME_STEP autoreset the next row holds the reset observation) the
+true next observation is kept in a small side store. That halves the observation memory:
+1M HalfCheetah transitions take ~138 MB instead of ~238 MB.
 
 Sampling is split into drawing indices and gathering them, so the training loop can start
 an update while the envs are still stepping: as long as the drawn indices avoid the rows the
@@ -22,7 +28,9 @@ next ``add`` will write (``hits_pending``), the batch is the one it would get af
 from __future__ import annotations
 
 import collections
-from dataclasses import dataclass
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -35,47 +43,194 @@ _NUMPY_DTYPES = {torch.float32: np.float32, torch.bool: np.bool_, torch.int32: n
 
 @dataclass(frozen=True)
 class Batch:
-    obs: torch.Tensor  # (B, obs_dim)
+    obs: torch.Tensor  # (B, obs_dim), or (K, B, obs_dim) for K members
     actions: torch.Tensor  # (B, action_dim), normalized units
     rewards: torch.Tensor  # (B,)
     next_obs: torch.Tensor  # (B, obs_dim)
     terminated: torch.Tensor  # (B,) float 0/1: cut the bootstrap
     truncated: torch.Tensor  # (B,) float 0/1: kept for analysis; the target bootstraps
 
+    def member(self, k: int) -> Batch:
+        """Member ``k``'s rows of a stacked batch (views)."""
+        return Batch(*(getattr(self, f.name)[k] for f in fields(self)))
 
-class ReplayBuffer:
-    """Ring buffer of transitions, one row per env per step, sampled uniformly."""
+
+class ReplayStorage:
+    """The rows of K members' buffers (one kind, capacity and shape): ``(K, capacity, ...)``
+    tensors, and the one gather that reads them.
+
+    ``compact``: each observation is stored once (``CompactReplayBuffer`` rows; see the
+    module docstring). ``storage_device``: where the rows live, if not where batches are
+    used (``device``).
+    """
 
     def __init__(
         self,
+        k: int,
         capacity: int,
         obs_dim: int,
         action_dim: int,
         *,
+        compact: bool = True,
         device: torch.device | str = "cpu",
-        seed: int = 0,
         storage_device: torch.device | str | None = None,
     ):
-        self.capacity = int(capacity)
-        if self.capacity < 1:
+        if int(capacity) < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self.k, self.capacity = int(k), int(capacity)
         self.obs_dim, self.action_dim = int(obs_dim), int(action_dim)
+        self.compact = compact
         self.device = torch.device(device)  # where batches are used
         self.storage_device = torch.device(storage_device or device)  # where rows live
+        shape = (self.k, self.capacity)
         f32 = {"dtype": torch.float32, "device": self.storage_device}
-        self.obs = torch.empty(self.capacity, obs_dim, **f32)
-        self.actions = torch.empty(self.capacity, action_dim, **f32)
-        self.rewards = torch.empty(self.capacity, **f32)
-        self.terminated = torch.empty(self.capacity, dtype=torch.bool, device=self.storage_device)
-        self.truncated = torch.empty(self.capacity, dtype=torch.bool, device=self.storage_device)
-        self._allocate_next_obs()
+        flag = {"dtype": torch.bool, "device": self.storage_device}
+        self.rows: dict[str, torch.Tensor] = {
+            "obs": torch.empty(*shape, self.obs_dim, **f32),
+            "actions": torch.empty(*shape, self.action_dim, **f32),
+            "rewards": torch.empty(*shape, **f32),
+            "terminated": torch.empty(*shape, **flag),
+            "truncated": torch.empty(*shape, **flag),
+        }
+        if compact:  # a side-store slot per row (-1: the next observation is the next row's)
+            self.rows["final_slot"] = torch.full(
+                shape, -1, dtype=torch.int32, device=self.storage_device
+            )
+        else:
+            self.rows["next_obs"] = torch.empty(*shape, self.obs_dim, **f32)
+        # the same memory seen as one (K * capacity, ...) table: one gather reads every row
+        self._tables = {
+            name: t.view(self.k * self.capacity, *t.shape[2:]) for name, t in self.rows.items()
+        }
+        # and each slot's rows, (1, capacity, ...): one buffer's gather reads along them
+        self._slot_rows = [
+            {name: t[k : k + 1] for name, t in self.rows.items()} for k in range(self.k)
+        ]
+        self.buffers: list[ReplayBuffer | None] = [None] * self.k
+        # compact gathers patch the rare rows by index after a host check (free on a CPU, a
+        # sync elsewhere, where the same selection runs without one)
+        self.patch_on_host = self.storage_device.type == "cpu"
+
+    def buffer(self, slot: int, seed: int) -> ReplayBuffer:
+        """A new, empty buffer on row ``slot`` (what the row held before is dropped)."""
+        cls = CompactReplayBuffer if self.compact else ReplayBuffer
+        buffer = cls(self, slot, seed)
+        self.buffers[slot] = buffer
+        return buffer
+
+    def gather(self, indices: Sequence[torch.Tensor | None]) -> Batch:
+        """Every member's batch at its row indices, stacked ``(K, B, ...)``. A member without
+        indices (it does not update now) gets another member's batch, to be ignored."""
+        if self.k == 1 and indices[0] is not None:
+            return self.read([0], indices[0])
+        owners = stand_ins(indices)
+        return self.read([k for k, _ in owners], torch.cat([i for _, i in owners]))
+
+    def read(self, slots: Sequence[int], idx: torch.Tensor) -> Batch:
+        """For each buffer in ``slots``, its rows at its B of the indices ``idx`` (the
+        buffers' indices one after another): a batch stacked ``(len(slots), B, ...)``."""
+        at = idx
+        if len(slots) > 1:  # rows of the storage seen as one table
+            at = idx + self._offsets(slots, idx).repeat_interleave(idx.numel() // len(slots))
+        take = functools.partial(self._take, slots)
+        next_obs = self._compact_next_obs(slots, idx, at) if self.compact else None
+        batch = Batch(
+            obs=take("obs", at),
+            actions=take("actions", at),
+            rewards=take("rewards", at),
+            next_obs=take("next_obs", at) if next_obs is None else next_obs,
+            terminated=take("terminated", at).float(),
+            truncated=take("truncated", at).float(),
+        )
+        if self.device == self.storage_device:
+            return batch
+        return Batch(*(t.to(self.device) for t in vars(batch).values()))
+
+    def _take(self, slots: Sequence[int], name: str, at: torch.Tensor) -> torch.Tensor:
+        """Rows ``at`` of ``name``: of one buffer's row (indices into its capacity), or of
+        the storage seen as one table (indices into K * capacity); (len(slots), B, ...)."""
+        if len(slots) == 1:
+            return self._slot_rows[slots[0]][name].index_select(1, at)
+        t = self._tables[name]
+        return t.index_select(0, at).view(len(slots), -1, *t.shape[1:])
+
+    def _offsets(self, slots: Sequence[int], idx: torch.Tensor) -> torch.Tensor:
+        """Where each slot's rows start in the storage seen as one (K * capacity) table."""
+        return torch.tensor(slots, device=idx.device) * self.capacity
+
+    def _compact_next_obs(
+        self, slots: Sequence[int], idx: torch.Tensor, at: torch.Tensor
+    ) -> torch.Tensor:
+        """The next observation of each row: the following row's observation, or where that
+        is not it, the side store's; for the newest rows (no following row yet) what the
+        buffer's last add reported. The buffers' side stores are read as one, end to end."""
+        buffers: list[CompactReplayBuffer] = [self.buffers[k] for k in slots]  # type: ignore[misc]
+        r, b = len(slots), idx.numel() // len(slots)
+        n = buffers[0].n_rows
+        if n is None:
+            raise ValueError("cannot sample from an empty replay buffer")
+        following = (idx + n) % self.capacity
+        if r > 1:
+            following += at - idx
+        stacked = self._take(slots, "obs", following)
+        out = stacked.view(-1, self.obs_dim)  # the same memory: patched in place below
+        sizes = [buf.final_obs.shape[0] for buf in buffers]
+        kept = None
+        if any(sizes):
+            kept = self._take(slots, "final_slot", at).view(-1)
+            if r > 1:  # each buffer's slots, shifted to where its side store lies in the cat
+                start = torch.tensor([0, *sizes[:-1]], device=idx.device).cumsum(0)
+                kept = torch.where(kept >= 0, kept + start.repeat_interleave(b), kept)
+        if r == 1:
+            aside, recent = buffers[0].final_obs, buffers[0].recent_next
+            j = (idx - buffers[0].recent_start) % self.capacity
+            newest_at = j.clamp(max=n - 1)
+        else:
+            aside = torch.cat([x.final_obs for x in buffers])
+            recent = torch.cat([x.recent_next for x in buffers])
+            starts = torch.tensor([x.recent_start for x in buffers], device=idx.device)
+            j = (idx - starts.repeat_interleave(b)) % self.capacity
+            member = torch.arange(r, device=idx.device).repeat_interleave(b)
+            newest_at = j.clamp(max=n - 1) + member * n
+        newest = j < n
+        if self.patch_on_host:
+            aside_rows = kept >= 0 if kept is not None else None
+            if aside_rows is not None and bool(aside_rows.any()):
+                rows = aside_rows.nonzero().squeeze(1)
+                out[rows] = aside.index_select(0, kept.index_select(0, rows))  # type: ignore[union-attr]
+            if bool(newest.any()):
+                rows = newest.nonzero().squeeze(1)
+                out[rows] = recent.index_select(0, newest_at.index_select(0, rows))
+            return stacked
+        if kept is not None:
+            kept_obs = aside.index_select(0, kept.clamp(min=0))
+            out = torch.where((kept >= 0).unsqueeze(-1), kept_obs, out)
+        out = torch.where(newest.unsqueeze(-1), recent.index_select(0, newest_at), out)
+        return out.view(r, b, self.obs_dim)
+
+
+def stand_ins(indices: Sequence[torch.Tensor | None]) -> list[tuple[int, torch.Tensor]]:
+    """(owner, indices) per member: its own, or for a member without indices (it does not
+    update now) the first updating member's, so every row of a stacked batch is real data."""
+    first = next(k for k, i in enumerate(indices) if i is not None)
+    return [(k, i) if i is not None else (first, indices[first]) for k, i in enumerate(indices)]  # type: ignore[misc]
+
+
+class ReplayBuffer:
+    """One member's ring of transitions, one row per env per step, sampled uniformly: row
+    ``slot`` of a ``ReplayStorage``."""
+
+    def __init__(self, storage: ReplayStorage, slot: int, seed: int):
+        self.storage, self.slot = storage, slot
+        self.capacity = storage.capacity
+        self.obs_dim, self.action_dim = storage.obs_dim, storage.action_dim
+        self.device, self.storage_device = storage.device, storage.storage_device
+        # this member's rows: views of the storage
+        self.rows: dict[str, torch.Tensor] = {name: t[slot] for name, t in storage.rows.items()}
         self.pos = 0  # next write index
         self.size = 0
         # its own stream of the run seed (workbench.seeding): not in lockstep with another
         self.generator = seeding.torch_generator(seed, "replay", self.storage_device)
-
-    def _allocate_next_obs(self) -> None:
-        self.next_obs = torch.empty_like(self.obs)
 
     def __len__(self) -> int:
         return self.size
@@ -87,55 +242,48 @@ class ReplayBuffer:
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by the buffer's tensors now."""
+        """Bytes held for this buffer now (its rows of the storage, and any side store)."""
         return sum(t.element_size() * t.nelement() for t in self._tensors())
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [
-            self.obs,
-            self.next_obs,
-            self.actions,
-            self.rewards,
-            self.terminated,
-            self.truncated,
-        ]
+        return list(self.rows.values())
 
     # ------------------------------------------------------------------------------ write
 
-    def _rows(self, n: int) -> torch.Tensor | slice:
+    def _slots(self, n: int) -> torch.Tensor | slice:
         """Where the next add of ``n`` rows writes: a slice, or indices when it wraps around."""
         if self.pos + n <= self.capacity:
             return slice(self.pos, self.pos + n)
         idx = (torch.arange(n) + self.pos) % self.capacity
         return idx.to(self.storage_device)
 
-    def _write(self, name: str, rows: torch.Tensor | slice, values: np.ndarray) -> None:
-        """``values`` into rows of the tensor ``name`` (cast to its dtype).
+    def _write(self, name: str, at: torch.Tensor | slice, values: np.ndarray) -> None:
+        """``values`` into rows ``at`` of the tensor ``name`` (cast to its dtype).
 
         On the host a slice is written through a NumPy view of the same memory: a few
         microseconds, where a tensor index_put costs tens (one add writes five or six).
         """
-        target = getattr(self, name)
-        if isinstance(rows, slice) and target.device.type == "cpu":
-            target.numpy()[rows] = values
+        target = self.rows[name]
+        if isinstance(at, slice) and target.device.type == "cpu":
+            target.numpy()[at] = values
         else:
             host = np.asarray(values, dtype=_NUMPY_DTYPES[target.dtype])
-            target[rows] = torch.as_tensor(host, device=target.device)
+            target[at] = torch.as_tensor(host, device=target.device)
 
     def _write_common(
         self,
-        rows: torch.Tensor | slice,
+        at: torch.Tensor | slice,
         obs: np.ndarray,
         actions: np.ndarray,
         rewards: np.ndarray,
         terminated: np.ndarray,
         truncated: np.ndarray,
     ) -> None:
-        self._write("obs", rows, obs)
-        self._write("actions", rows, actions)
-        self._write("rewards", rows, rewards)
-        self._write("terminated", rows, terminated)
-        self._write("truncated", rows, truncated)
+        self._write("obs", at, obs)
+        self._write("actions", at, actions)
+        self._write("rewards", at, rewards)
+        self._write("terminated", at, terminated)
+        self._write("truncated", at, truncated)
 
     def _advance(self, n: int) -> None:
         self.pos = (self.pos + n) % self.capacity
@@ -151,9 +299,9 @@ class ReplayBuffer:
         truncated: np.ndarray,
     ) -> None:
         """Add a batch of transitions (one row per env), wrapping around when full."""
-        rows = self._rows(len(obs))
-        self._write_common(rows, obs, actions, rewards, terminated, truncated)
-        self._write("next_obs", rows, next_obs)
+        at = self._slots(len(obs))
+        self._write_common(at, obs, actions, rewards, terminated, truncated)
+        self._write("next_obs", at, next_obs)
         self._advance(len(obs))
 
     # ----------------------------------------------------------------------------- sample
@@ -175,50 +323,20 @@ class ReplayBuffer:
         return bool(((idx - self.pos) % self.capacity < n).any())
 
     def gather(self, idx: torch.Tensor) -> Batch:
-        """The transitions at rows ``idx``, on the training device."""
-        # index_select: a row gather, ~4x faster than advanced indexing on a CPU
-        batch = Batch(
-            obs=self.obs.index_select(0, idx),
-            actions=self.actions.index_select(0, idx),
-            rewards=self.rewards.index_select(0, idx),
-            next_obs=self._next_obs(idx),
-            terminated=self.terminated.index_select(0, idx).float(),
-            truncated=self.truncated.index_select(0, idx).float(),
-        )
-        if self.device == self.storage_device:
-            return batch
-        return Batch(*(t.to(self.device) for t in vars(batch).values()))
-
-    def _next_obs(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.next_obs.index_select(0, idx)
-
-    def _tensor(self, x: np.ndarray) -> torch.Tensor:
-        return torch.as_tensor(np.asarray(x, dtype=np.float32), device=self.storage_device)
+        """The transitions at rows ``idx``, on the training device (the storage's gather)."""
+        return self.storage.read([self.slot], idx).member(0)
 
     # ------------------------------------------------------------------------ checkpoints
-
-    def _row_tensors(self) -> dict[str, torch.Tensor]:
-        """The per-row storage, by name (what a checkpoint holds the filled rows of)."""
-        names = ("obs", "next_obs", "actions", "rewards", "terminated", "truncated")
-        return {name: getattr(self, name) for name in names}
-
-    def rehome(self, rows: dict[str, torch.Tensor]) -> None:
-        """Keep the per-row storage (``_row_tensors``) in the given tensors from now on,
-        values copied: a population's buffers are rows of stacked storage (``StackedReplay``)
-        while each stays an ordinary buffer (adds, samples, checkpoints)."""
-        for name, mine in self._row_tensors().items():
-            rows[name].copy_(mine)
-            setattr(self, name, rows[name])
 
     def state_dict(self) -> dict[str, Any]:
         """The filled rows, write position and sampling RNG: plain tensors and ints only.
 
         Rows fill from 0 until the buffer is full, so the first ``size`` rows are all the
-        data; they are copied out (saving a slice would save the whole preallocation).
+        data; they are copied out (saving a view would save the whole storage).
         """
         rows = {
             k: (t if self.size == self.capacity else t[: self.size]).detach().clone().cpu()
-            for k, t in self._row_tensors().items()
+            for k, t in self.rows.items()
         }
         return {
             "kind": type(self).__name__,
@@ -240,32 +358,35 @@ class ReplayBuffer:
                 f"is {theirs}, this buffer is {mine}"
             )
         size = int(state["size"])
-        for name, target in self._row_tensors().items():
+        for name, target in self.rows.items():
             target[:size] = state["rows"][name].to(target.device)
         self.pos, self.size = int(state["pos"]), size
         self.generator.set_state(state["generator"])
 
 
 class CompactReplayBuffer(ReplayBuffer):
-    """A ``ReplayBuffer`` that stores each observation once (see the module docstring).
+    """A ``ReplayBuffer`` row of a compact storage: each observation stored once (see the
+    module docstring); the next observations that are not the following row's are kept in
+    this buffer's side store, and the storage's gather reads them from there.
 
     Every add must have the same number of rows (the number of envs), and the capacity must
     hold at least two adds. Exact for any input: a next observation that is not, bit for
     bit, the following observation of its env is kept aside, whatever the reason.
     """
 
-    def _allocate_next_obs(self) -> None:
+    def __init__(self, storage: ReplayStorage, slot: int, seed: int):
+        super().__init__(storage, slot, seed)
         dev = self.storage_device
-        self.final_slot = torch.full((self.capacity,), -1, dtype=torch.int32, device=dev)
+        self.rows["final_slot"].fill_(-1)
         self.final_obs = torch.empty(0, self.obs_dim, dtype=torch.float32, device=dev)
         self._final_rows: collections.deque[int] = collections.deque()  # live, oldest first
         self._final_tail = 0  # slots handed out so far (slot = count % len(final_obs))
         self.n_rows: int | None = None  # rows per add, fixed by the first add
+        # the last add's next observations (the newest rows have no following row yet),
+        # and the row that add started at
         self.recent_next = torch.empty(0, self.obs_dim, dtype=torch.float32, device=dev)
+        self.recent_start = 0
         self._recent_host: np.ndarray | None = None
-        self._recent_start = 0
-        # patch the rare rows by index after a host check (free on a CPU, a sync elsewhere)
-        self.patch_on_host = self.storage_device.type == "cpu"
 
     @staticmethod
     def bytes_per_transition(obs_dim: int, action_dim: int) -> int:
@@ -276,16 +397,7 @@ class CompactReplayBuffer(ReplayBuffer):
         return 4 * (obs_dim + action_dim + 1) + 2 + 4
 
     def _tensors(self) -> list[torch.Tensor]:
-        return [
-            self.obs,
-            self.actions,
-            self.rewards,
-            self.terminated,
-            self.truncated,
-            self.final_slot,
-            self.final_obs,
-            self.recent_next,
-        ]
+        return [*self.rows.values(), self.final_obs, self.recent_next]
 
     def add(
         self,
@@ -316,23 +428,22 @@ class CompactReplayBuffer(ReplayBuffer):
             same = self._recent_host.view(np.uint32) == obs.view(np.uint32)
             broken = np.flatnonzero(~same.all(axis=1))
             if len(broken):
-                rows = (self._recent_start + broken) % self.capacity
+                rows = (self.recent_start + broken) % self.capacity
                 self._store_final(rows, self._recent_host[broken])
 
-        rows = self._rows(n)
+        at = self._slots(n)
         # rows about to be overwritten release their side-store slots (oldest first)
         while self._final_rows and (self._final_rows[0] - self.pos) % self.capacity < n:
             self._final_rows.popleft()
-        self._write_common(rows, obs, actions, rewards, terminated, truncated)
-        self._write("final_slot", rows, np.full(n, -1, dtype=np.int32))
-        self._write("recent_next", slice(0, n), next_obs)
+        self._write_common(at, obs, actions, rewards, terminated, truncated)
+        self._write("final_slot", at, np.full(n, -1, dtype=np.int32))
+        if self.storage_device.type == "cpu":
+            self.recent_next.numpy()[:] = next_obs
+        else:
+            self.recent_next.copy_(torch.as_tensor(next_obs, device=self.storage_device))
         self._recent_host = next_obs.copy()
-        self._recent_start = self.pos
+        self.recent_start = self.pos
         self._advance(n)
-
-    def _row_tensors(self) -> dict[str, torch.Tensor]:
-        names = ("obs", "actions", "rewards", "terminated", "truncated", "final_slot")
-        return {name: getattr(self, name) for name in names}
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
@@ -345,7 +456,7 @@ class CompactReplayBuffer(ReplayBuffer):
             "recent_host": (
                 None if self._recent_host is None else torch.from_numpy(self._recent_host.copy())
             ),
-            "recent_start": self._recent_start,
+            "recent_start": self.recent_start,
         }
         return state
 
@@ -359,7 +470,7 @@ class CompactReplayBuffer(ReplayBuffer):
         self.recent_next = c["recent_next"].to(dev)
         host = c["recent_host"]
         self._recent_host = None if host is None else host.numpy().copy()
-        self._recent_start = int(c["recent_start"])
+        self.recent_start = int(c["recent_start"])
 
     def _store_final(self, rows: np.ndarray, values: np.ndarray) -> None:
         live = len(self._final_rows)
@@ -370,8 +481,8 @@ class CompactReplayBuffer(ReplayBuffer):
         slots = (self._final_tail + np.arange(len(rows))) % size
         dev = self.storage_device
         slots_t = torch.as_tensor(slots, device=dev)
-        self.final_obs[slots_t] = self._tensor(values)
-        self.final_slot[torch.as_tensor(rows, device=dev)] = slots_t.to(torch.int32)
+        self.final_obs[slots_t] = torch.as_tensor(np.asarray(values, np.float32), device=dev)
+        self.rows["final_slot"][torch.as_tensor(rows, device=dev)] = slots_t.to(torch.int32)
         self._final_tail += len(rows)
         self._final_rows.extend(int(r) for r in rows)
 
@@ -385,158 +496,9 @@ class CompactReplayBuffer(ReplayBuffer):
             old_slots = torch.arange(start, start + live, device=old.device) % old.shape[0]
             grown[:live] = old[old_slots]
             rows = torch.as_tensor(list(self._final_rows), device=old.device)
-            self.final_slot[rows] = torch.arange(live, dtype=torch.int32, device=old.device)
+            self.rows["final_slot"][rows] = torch.arange(live, dtype=torch.int32, device=old.device)
         self.final_obs = grown
         self._final_tail = live
-
-    def _next_obs(self, idx: torch.Tensor) -> torch.Tensor:
-        assert self.n_rows is not None
-        n = self.n_rows
-        out = self.obs.index_select(0, (idx + n) % self.capacity)
-        kept = self.final_slot.index_select(0, idx) if self.final_obs.shape[0] else None
-        # the newest rows: their next observation has no row yet
-        j = (idx - self._recent_start) % self.capacity
-        return _patch_next_obs(
-            out,
-            kept,
-            self.final_obs,
-            j < n,
-            j.clamp(max=n - 1),
-            self.recent_next,
-            self.patch_on_host,
-        )
-
-
-def _patch_next_obs(
-    out: torch.Tensor,
-    kept: torch.Tensor | None,
-    aside: torch.Tensor,
-    newest: torch.Tensor,
-    newest_at: torch.Tensor,
-    recent: torch.Tensor,
-    on_host: bool,
-) -> torch.Tensor:
-    """The compact buffer's next observations: ``out`` (read from the following rows) where
-    ``kept`` (a side-store slot per row, -1 for none; None: the side store is empty) points
-    into ``aside`` take that, and the ``newest`` rows take ``recent[newest_at]``. On the host
-    the rare rows are patched in place after a check; elsewhere the same selection is made
-    without a device-to-host sync."""
-    if on_host:
-        if kept is not None and bool((kept >= 0).any()):
-            rows = (kept >= 0).nonzero().squeeze(1)
-            out[rows] = aside.index_select(0, kept.index_select(0, rows).long())
-        if bool(newest.any()):
-            rows = newest.nonzero().squeeze(1)
-            out[rows] = recent.index_select(0, newest_at.index_select(0, rows))
-        return out
-    if kept is not None:
-        kept_obs = aside.index_select(0, kept.clamp(min=0).long())
-        out = torch.where((kept >= 0).unsqueeze(-1), kept_obs, out)
-    return torch.where(newest.unsqueeze(-1), recent.index_select(0, newest_at), out)
-
-
-def stand_ins(indices: list[torch.Tensor | None]) -> list[tuple[int, torch.Tensor]]:
-    """(owner, indices) per member: its own, or for a member without indices (it does not
-    learn now) the first learning member's, so every row of a stacked batch is real data."""
-    first = next(k for k, i in enumerate(indices) if i is not None)
-    return [(k, i) if i is not None else (first, indices[first]) for k, i in enumerate(indices)]  # type: ignore[misc]
-
-
-class StackedReplay:
-    """K members' buffers of one kind and capacity, their rows in stacked ``(K, capacity,
-    ...)`` storage: one gather gives every member's batch with a leading K axis.
-
-    Each member still draws its indices from its own generator (``sample_indices``), so a
-    member's batch is the very batch its buffer would give alone.
-    """
-
-    def __init__(self, buffers: list[ReplayBuffer]):
-        first = buffers[0]
-        self.k, self.capacity = len(buffers), first.capacity
-        self.storage = {
-            name: torch.empty((self.k, *t.shape), dtype=t.dtype, device=t.device)
-            for name, t in first._row_tensors().items()
-        }
-        self.buffers: list[ReplayBuffer] = []
-        for k, buffer in enumerate(buffers):
-            self.buffers.append(buffer)
-            self.replace(k, buffer)
-
-    @staticmethod
-    def fits(buffers: list[ReplayBuffer]) -> bool:
-        """Whether these buffers can share stacked storage (same kind, capacity, shapes,
-        sampled where they are stored)."""
-        first = buffers[0]
-        key = (type(first), first.capacity, first.obs_dim, first.action_dim, first.device)
-        return all(
-            (type(b), b.capacity, b.obs_dim, b.action_dim, b.device) == key
-            and b.storage_device == b.device
-            for b in buffers
-        )
-
-    def replace(self, k: int, buffer: ReplayBuffer) -> None:
-        """Slot ``k``'s buffer from now on (its rows copied into the slot's storage)."""
-        if not self.fits([self.buffers[0] if k else buffer, buffer]):
-            raise ValueError(f"member {k}: its replay buffer does not fit the stacked storage")
-        buffer.rehome({name: rows[k] for name, rows in self.storage.items()})
-        self.buffers[k] = buffer
-
-    def _compact_next_obs(
-        self, idx: torch.Tensor, owners: list[int], offsets: torch.Tensor
-    ) -> torch.Tensor:
-        """``CompactReplayBuffer._next_obs`` for every member at once: the side stores and
-        newest observations of the members laid end to end, their slots shifted to match."""
-        buffers: list[CompactReplayBuffer] = [self.buffers[k] for k in owners]  # type: ignore[misc]
-        n = buffers[0].n_rows
-        assert n is not None
-        k, b = idx.shape
-        offsets = offsets.unsqueeze(1)
-        out = self._take("obs", ((idx + n) % self.capacity + offsets).view(-1), b).view(k * b, -1)
-        sizes = [buf.final_obs.shape[0] for buf in buffers]
-        kept = None
-        if any(sizes):
-            kept = self._take("final_slot", (idx + offsets).view(-1), b).long()
-            start = torch.tensor([0, *sizes[:-1]], device=idx.device).cumsum(0).unsqueeze(1)
-            kept = torch.where(kept >= 0, kept + start, kept).view(-1)
-        starts = torch.tensor([buf._recent_start for buf in buffers], device=idx.device)
-        j = (idx - starts.unsqueeze(1)) % self.capacity
-        at = j.clamp(max=n - 1) + torch.arange(k, device=idx.device).unsqueeze(1) * n
-        out = _patch_next_obs(
-            out,
-            kept,
-            torch.cat([buf.final_obs for buf in buffers]),
-            (j < n).view(-1),
-            at.view(-1),
-            torch.cat([buf.recent_next for buf in buffers]),
-            buffers[0].patch_on_host,
-        )
-        return out.view(k, b, -1)
-
-    def _take(self, name: str, flat_idx: torch.Tensor, b: int) -> torch.Tensor:
-        t = self.storage[name]
-        rows = t.view(self.k * self.capacity, *t.shape[2:]).index_select(0, flat_idx)
-        return rows.view(self.k, b, *t.shape[2:])
-
-    def gather(self, indices: list[torch.Tensor | None]) -> Batch:
-        """Every member's batch at its row indices, stacked ``(K, B, ...)``. A member without
-        indices (it does not learn now) gets another member's batch, to be ignored."""
-        slots = stand_ins(indices)
-        idx = torch.stack([i for _, i in slots])
-        b = idx.shape[1]
-        offsets = torch.tensor([k for k, _ in slots], device=idx.device) * self.capacity
-        flat = (idx + offsets.unsqueeze(1)).view(-1)
-        if isinstance(self.buffers[0], CompactReplayBuffer):
-            next_obs = self._compact_next_obs(idx, [k for k, _ in slots], offsets)
-        else:
-            next_obs = self._take("next_obs", flat, b)
-        return Batch(
-            obs=self._take("obs", flat, b),
-            actions=self._take("actions", flat, b),
-            rewards=self._take("rewards", flat, b),
-            next_obs=next_obs,
-            terminated=self._take("terminated", flat, b).float(),
-            truncated=self._take("truncated", flat, b).float(),
-        )
 
 
 def make_replay_buffer(
@@ -549,15 +511,31 @@ def make_replay_buffer(
     compact: bool = True,
     storage: str = "device",
 ) -> ReplayBuffer:
-    """The buffer a run's ``perf`` settings ask for (compact or not, on device or host)."""
+    """One buffer of its own (a storage of one row), as a run's ``perf`` settings ask for."""
+    return make_storage(
+        1, capacity, obs_dim, action_dim, device=device, compact=compact, storage=storage
+    ).buffer(0, seed)
+
+
+def make_storage(
+    k: int,
+    capacity: int,
+    obs_dim: int,
+    action_dim: int,
+    *,
+    device: torch.device | str = "cpu",
+    compact: bool = True,
+    storage: str = "device",
+) -> ReplayStorage:
+    """The storage of K members' buffers (compact or not, on the device or the host)."""
     if storage not in ("device", "host"):
         raise ValueError(f"storage must be 'device' or 'host', got {storage!r}")
-    cls = CompactReplayBuffer if compact else ReplayBuffer
-    return cls(
+    return ReplayStorage(
+        k,
         capacity,
         obs_dim,
         action_dim,
+        compact=compact,
         device=device,
-        seed=seed,
         storage_device="cpu" if storage == "host" else None,
     )

@@ -227,17 +227,22 @@ def _our_update_runner(
 ) -> Callable[[int], None]:
     from workbench.train import build_learner
 
-    torch.manual_seed(cfg.seed)
-    agent, buffer = build_learner(
-        cfg, obs_dim, act_dim, device, buffer_size=max(cfg.agent.buffer_size, fill)
+    learner, replay = build_learner(
+        cfg, 1, obs_dim, act_dim, device, buffer_size=max(cfg.agent.buffer_size, fill)
     )
+    torch.manual_seed(cfg.seed)
+    learner.place(0, cfg.agent, seed=cfg.seed, normalize_obs=cfg.env.normalize_obs)
+    buffer = replay.buffer(0, cfg.seed)
     for row in _random_walk(obs_dim, act_dim, fill, cfg.env.n_envs, cfg.seed):
         buffer.add(*row)
     sums: dict[str, torch.Tensor] = {}
 
     def run(n: int) -> None:
         for _ in range(n):
-            for key, value in agent.update(buffer.sample(cfg.agent.batch_size)).items():
+            batch = replay.gather([buffer.sample_indices(cfg.agent.batch_size)])
+            (metrics,) = learner.update(batch, [True])
+            assert metrics is not None
+            for key, value in metrics.items():
                 if key in sums:
                     sums[key] += value
                 else:

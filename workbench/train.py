@@ -1,15 +1,16 @@
-"""The training loop: ``train(cfg, tracker, hooks) -> RunResult``, and its K axis.
+"""The training loop: ``train(cfg, tracker, hooks) -> RunResult``, for K members at once.
 
-One flat loop — collect, store, update, report, evaluate, checkpoint — that ``workbench
-train``, study trials and ablation runs all call. It steps a population of members
-(``train_population``): each its own run with its own values and seed, acting through one
-batched forward pass and learning through one batched update (``workbench.population``);
-``train`` is the population of one, whose agent updates itself. The loop's parts live where
+One flat loop — act, step the envs, store, update, report, evaluate, checkpoint — that
+``workbench train``, study trials and ablation runs all call. It steps K members, each its
+own run with its own values, seed, tracker and hooks, through one learner (``ddpg.DDPG``:
+one batched forward to act, one batched update) and one replay storage: a run alone is
+K=1 (``train``), a population K > 1 (``train_population``). The loop's parts live where
 they belong: counters and history in ``runstate``, evaluation in ``evaluate``, checkpoints
 and interrupts in ``checkpoint``, exploration in ``exploration``, random streams in
-``seeding``.
-The MLflow run it reports to always ends: FINISHED, FAILED with the reason, or KILLED
-(interrupt, or a hook that stops the run early).
+``seeding``, what members must share in ``population``.
+
+Every MLflow run the loop reports to ends: FINISHED, FAILED with the reason, or KILLED
+(interrupt, or a hook that stops the run early); a member's ending is its own.
 """
 
 from __future__ import annotations
@@ -21,16 +22,17 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+import gymnasium as gym
 import numpy as np
 import torch
 from omegaconf import OmegaConf
 
 from workbench import envs as envs_mod
-from workbench import seeding
+from workbench import population, seeding
 from workbench.checkpoint import (
     Checkpointer,
     Interrupts,
@@ -41,14 +43,14 @@ from workbench.checkpoint import (
     prepare_resume,
     restore,
 )
-from workbench.config import Config, config_hash, flatten, to_dict, validate
-from workbench.ddpg import DDPG
+from workbench.config import Config, ConfigError, config_hash, flatten, to_dict, validate
+from workbench.ddpg import DDPG, Agent
 from workbench.display import ProgressDisplay
 from workbench.errors import DivergenceError, Interrupted
 from workbench.evaluate import Evaluator
 from workbench.exploration import Explorer
 from workbench.policy import ARTIFACT_DIR, policy_spec, save_policy
-from workbench.replay import Batch, ReplayBuffer, make_replay_buffer
+from workbench.replay import Batch, ReplayBuffer, ReplayStorage, make_storage
 from workbench.runstate import RunState
 from workbench.tracking import Ending, NullTracker, Tracker, ends_run, make_tracker
 from workbench.tracking.status import StopRun
@@ -79,7 +81,7 @@ log = logging.getLogger(__name__)
 class Hook(Protocol):
     """Called after every evaluation; raise StopRun to end the run early (e.g. pruning)."""
 
-    def on_evaluation(self, step: int, metrics: Mapping[str, float], agent: DDPG) -> None: ...
+    def on_evaluation(self, step: int, metrics: Mapping[str, float], agent: Agent) -> None: ...
 
 
 @dataclass
@@ -99,6 +101,21 @@ class RunResult:
     # evaluation); a population's members share that loop, so each one's ``loop_s`` covers
     # every member's work in it (including their periodic evaluations, ``loop_eval_s``)
     perf: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Member:
+    """One run of a population: its config, tracker, hooks, tags and (resumed) state."""
+
+    cfg: Config
+    tracker: Tracker | None = None
+    hooks: Sequence[Hook] = ()
+    tags: Mapping[str, str] | None = None
+    resume_state: Mapping[str, Any] | None = None
+    error: BaseException | None = None  # what ended the run, if not finishing
+
+
+Refill = Callable[[Member, RunResult | None], Member | None]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -123,36 +140,36 @@ def overlaps(cfg: Config) -> bool:
 
 def build_learner(
     cfg: Config,
+    k: int,
     obs_dim: int,
     action_dim: int,
     device: torch.device,
     *,
     buffer_size: int | None = None,
-) -> tuple[DDPG, ReplayBuffer]:
-    """The agent and its replay buffer as ``cfg`` (agent and perf sections) asks for."""
+) -> tuple[DDPG, ReplayStorage]:
+    """The learner and replay storage of K members of ``cfg``'s shape (``population``),
+    as its agent and perf sections ask for; members are placed in them by ``Run.start``."""
     a, p = cfg.agent, cfg.perf
-    agent = DDPG(
+    learner = DDPG(
+        k,
         obs_dim,
         action_dim,
         a,
         device=device,
-        normalize_obs=cfg.env.normalize_obs,
-        seed=cfg.seed,
-        fused=p.fused_update,
         compile=p.compile,
         compile_mode=p.compile_mode,
         cuda_graphs=p.cuda_graphs,
     )
-    buffer = make_replay_buffer(
+    replay = make_storage(
+        k,
         buffer_size or a.buffer_size,
         obs_dim,
         action_dim,
         device=device,
-        seed=cfg.seed,
         compact=p.replay_compact,
         storage=p.replay_storage,
     )
-    return agent, buffer
+    return learner, replay
 
 
 def train(
@@ -166,8 +183,8 @@ def train(
 ) -> RunResult:
     """Train one DDPG/TD3 agent as ``cfg`` says and report everything to ``tracker``.
 
-    The population loop with one member. With ``cfg.resume`` set, the run continues from its
-    latest checkpoint (``resume_state`` when the caller has loaded it already, see
+    The loop with one member. With ``cfg.resume`` set, the run continues from its latest
+    checkpoint (``resume_state`` when the caller has loaded it already, see
     ``checkpoint.prepare_resume``). ``handle_signals``: the first SIGINT/SIGTERM writes a
     checkpoint and ends the run KILLED. An error that ends the run is raised here.
     """
@@ -180,366 +197,491 @@ def train(
     return result
 
 
-@dataclass
-class Member:
-    """One run of a population: its config, tracker, hooks, tags and (resumed) state."""
-
-    cfg: Config
-    tracker: Tracker | None = None
-    hooks: Sequence[Hook] = ()
-    tags: Mapping[str, str] | None = None
-    resume_state: Mapping[str, Any] | None = None
-    error: BaseException | None = None  # what ended the run, if not finishing
-
-
-Refill = Callable[[Member, RunResult | None], Member | None]
-
-
-def train_population(members: Sequence[Member], *, refill: Refill | None = None) -> list[RunResult]:
+def train_population(
+    members: Sequence[Member], *, refill: Refill | None = None, handle_signals: bool = False
+) -> list[RunResult]:
     """Train K runs of one shape as one program: the same loop, one batched update.
 
     ``refill(ended, result)`` is called when a member's run ends (``result`` None when it
     could not even start: ``ended.error`` says why); a Member it returns takes the ended
-    one's slot (its values copied into the slot's rows), so the population stays full (a
+    one's slot (its values written into the slot's rows), so the population stays full (a
     study's next trial). Results are returned for every run, in the order they started.
 
-    Every member is its own run (own tracker, hooks, seed, values); an error or a hook's
-    ``StopRun`` ends that member alone (its ``error`` says why) and the others go on.
-    Members share what sets tensor shapes (``population.SHAPE_KEYS``, the env). Each
-    member writes its periodic checkpoints as a single run would; Ctrl-C ends every member
-    KILLED at once (no checkpoint on the interrupt).
+    Every member is its own run (own tracker, hooks, seed, values, checkpoints); an error or
+    a hook's ``StopRun`` ends that member alone (its ``error`` says why) and the others go
+    on. Members share ``population.SHARED_KEYS``. ``handle_signals``: the first
+    SIGINT/SIGTERM has each member write a checkpoint and end KILLED.
     """
-    from workbench.population import check_members
-
-    check_members([m.cfg for m in members])
-    return _train(list(members), handle_signals=False, refill=refill)
+    problems = []
+    for k, member in enumerate(members):
+        try:
+            validate(member.cfg)
+        except ConfigError as err:
+            problems += [f"member {k}: {p}" for p in err.problems]
+    problems += [str(p) for p in population.problems([m.cfg for m in members])]
+    if problems:
+        raise ConfigError(problems)
+    return _train(list(members), handle_signals=handle_signals, refill=refill)
 
 
 def _train(
     members: list[Member], *, handle_signals: bool, refill: Refill | None = None
 ) -> list[RunResult]:
-    runs: list[_Run] = []  # every run started, in order
-    interrupts = Interrupts(handle_signals and len(members) == 1)
+    interrupts = Interrupts(handle_signals)
+    openings: list[_Opening] = []  # opened, not yet started
+    runs: list[Run] = []  # every run started, in order
     try:
-        for k, member in enumerate(members):
-            runs.append(_Run.open(k, member, len(members)))  # bad input fails here, run by run
+        for member in members:  # bad input fails here, member by member, before any trains
+            openings.append(_open(member, alone=len(members) == 1))
+        learner, replay = _population(openings[0], len(members))
+        while openings:
+            runs.append(Run.start(len(runs), openings.pop(0), learner, replay, interrupts))
         slots = list(runs)
         for run in slots:
             with run.guard():
-                run.build(interrupts)
-        learner = _learner(slots)
+                run.reset()
         t_loop = time.perf_counter()
         for run in slots:
-            run.t_loop = t_loop  # one loop for all: its time starts once every member is built
-        refill_slots = None
-        if refill is not None:
-
-            def refill_slots() -> None:
-                _refill(slots, runs, learner, refill, interrupts)
-
+            run.t_loop = t_loop  # one loop for all: its time starts once every member is in
         with interrupts:
-            _loop(slots, learner, refill_slots)
+            while live := [run for run in slots if run.running]:
+                _step(live, learner, replay)
+                if refill is not None:
+                    _refill(slots, runs, learner, replay, refill, interrupts)
     except KeyboardInterrupt as err:
         for run in runs:
             if run.running:
                 run.end_by(err)
         raise
     finally:
+        for opening in openings:
+            opening.abandon("another member of its population failed to start")
         for run in runs:
             run.close()
     return [run.result for run in runs]
 
 
+def _step(live: Sequence[Run], learner: DDPG, replay: ReplayStorage) -> None:
+    """One vector step of every live member: act, step the envs, store, update, report,
+    evaluate, checkpoint. An error (or a hook's StopRun) ends its member alone."""
+    # act: the members acting by their policy in one batched forward pass
+    by_policy = [run for run in live if run.acts_by_policy]
+    policy = learner.act(_observations(by_policy, learner.k)) if by_policy else None
+    started: list[tuple[Run, np.ndarray, bool]] = []
+    for run in live:
+        with run.guard():
+            actions = run.explore(policy)
+            updates_now = run.updates_due()  # before the step is counted
+            run.stepper.start(run.scale.to_env(actions))
+            started.append((run, actions, updates_now))
+
+    # update, while async envs simulate: the updates whose batches avoid the rows this step
+    # is about to write (the batch, so the update, is the same)
+    updating = _Updates([run for run, _, due in started if due])
+    if updating.runs and all(run.stepper.overlap for run in updating.runs):
+        updating.run(learner, replay, early=True)
+
+    # store: the envs' answer
+    stored: list[tuple[Run, int, np.ndarray]] = []
+    for run, actions, _ in started:
+        with run.guard():
+            stored.append((run, *run.store(actions)))
+
+    updating.runs = [run for run in updating.runs if run.running]
+    updating.run(learner, replay, early=False)
+    for run in updating.runs:
+        with run.guard():
+            run.updated(updating.last.get(run.slot))
+
+    # report, evaluate, checkpoint; a member whose last step this was ends. The loop's clock
+    # stops for all of them before any evaluates for the last time
+    t_end = time.perf_counter()
+    for run, prev_step, done in stored:
+        with run.guard():
+            if run.running:
+                run.after_step(prev_step, done, t_end)
+
+
+def _observations(runs: Sequence[Run], k: int) -> torch.Tensor:
+    """The members' current observations as (K, n_envs, obs_dim) rows (zeros elsewhere)."""
+    first = runs[0]
+    if k == 1:
+        return torch.as_tensor(first.obs, dtype=torch.float32, device=first.device).unsqueeze(0)
+    obs = torch.zeros(k, *first.obs.shape, device=first.device)
+    for run in runs:
+        obs[run.slot] = torch.as_tensor(run.obs, dtype=torch.float32, device=run.device)
+    return obs
+
+
+@dataclass
+class _Updates:
+    """A step's updates: the members that update now, each ``gradient_steps`` times, one
+    batched update per gradient step."""
+
+    runs: list[Run]
+    done: int = 0  # gradient steps done
+    held: list[torch.Tensor | None] | None = None  # indices drawn that had to wait
+    last: dict[int, Batch] = field(default_factory=dict)  # a member's last batch, by slot
+
+    def run(self, learner: DDPG, replay: ReplayStorage, *, early: bool) -> None:
+        """The updates not done yet; ``early``: only while no member's batch would read a
+        row this step is about to write (the first that would is held for later)."""
+        if not self.runs:
+            return
+        total = max(run.cfg.agent.gradient_steps for run in self.runs)
+        while self.done < total:
+            indices = self.held or self._draw(learner.k, early)
+            self.held = None
+            if early and any(
+                i is not None and run.buffer.hits_pending(i, run.cfg.env.n_envs)
+                for run, i in ((run, indices[run.slot]) for run in self.runs)
+            ):
+                self.held = indices
+                return
+            batch = replay.gather(indices)
+            metrics = learner.update(batch, [i is not None for i in indices])
+            for run in self.runs:
+                m = metrics[run.slot]
+                if m is not None:
+                    run.state.means.add(m)
+                    if run.explorer.kind == "param":  # it adapts on its last batch
+                        self.last[run.slot] = batch.member(run.slot)
+            self.done += 1
+
+    def _draw(self, k: int, early: bool) -> list[torch.Tensor | None]:
+        """Each member's batch indices for this gradient step (None: it has done its own)."""
+        indices: list[torch.Tensor | None] = [None] * k
+        for run in self.runs:
+            a = run.cfg.agent
+            if self.done < a.gradient_steps:
+                upcoming = run.cfg.env.n_envs if early else 0
+                indices[run.slot] = run.buffer.sample_indices(a.batch_size, upcoming=upcoming)
+        return indices
+
+
+def _population(first: _Opening, k: int) -> tuple[DDPG, ReplayStorage]:
+    """The learner and replay storage of K members of ``first``'s shape."""
+    h = first.header
+    return build_learner(first.cfg, k, h["obs_dim"], h["action_dim"], first.device)
+
+
 def _refill(
-    slots: list[_Run], runs: list[_Run], learner: Any, refill: Refill, interrupts: Interrupts
+    slots: list[Run],
+    runs: list[Run],
+    learner: DDPG,
+    replay: ReplayStorage,
+    refill: Refill,
+    interrupts: Interrupts,
 ) -> None:
-    """Give each ended slot the member ``refill`` returns.
+    """Give each slot whose run ended the member ``refill`` returns.
 
-    A member whose config cannot join (another shape, a bad value) or whose run fails to
-    start is handed back to ``refill`` as ended, with no result, and the slot asks again.
+    A member whose config cannot join (``population.problems``, a bad value) or whose run
+    fails to start is handed back to ``refill`` as ended, with no result, and the slot asks
+    again.
     """
-    from workbench.population import check_members
-
     for k, ended in enumerate(slots):
-        if ended.running or ended.refilled:
+        if ended.running or ended.handed_on:
             continue
-        ended.refilled = True
-        member = refill(ended.member, ended.result)
+        ended.handed_on = True
+        member = refill(ended.opening.member, ended.result)
         while member is not None:
             try:
-                check_members([runs[0].cfg, member.cfg])
-                run = _Run.open(k, member, len(slots))
+                problems = population.problems([runs[0].cfg, member.cfg])
+                if problems:
+                    raise ConfigError([str(replace(p, member=k)) for p in problems])
+                opening = _open(member, alone=False)
             except Exception as err:
                 member.error = err
                 member = refill(member, None)
                 continue
+            run = Run.start(k, opening, learner, replay, interrupts)
             runs.append(run)
             with run.guard():
-                run.build(interrupts)
+                run.reset()
                 run.t_loop = time.perf_counter()
-                if learner is not None:
-                    learner.replace(k, run.agent, run.buffer)
             if run.running:
                 slots[k] = run
                 break
-            run.refilled = True
+            run.handed_on = True
             member = refill(member, run.result)
 
 
-def _learner(runs: Sequence[_Run]) -> Any:
-    """The batched update over the members (None for one run: its agent updates itself)."""
-    if len(runs) == 1:
-        return None
-    from workbench.population import Population
-
-    broken = [run.k for run in runs if not hasattr(run, "agent")]
-    if broken:  # the others end FAILED ("another member of its population failed to start")
-        raise RuntimeError(f"population members {broken} failed to build their agents")
-    return Population([run.agent for run in runs], [run.buffer for run in runs])
-
-
-def _loop(runs: Sequence[_Run], learner: Any, refill: Callable[[], None] | None = None) -> None:
-    """Collect, store, update, report, evaluate, checkpoint: every member, step by step.
-    A slot whose run ended is refilled at the end of the step (``refill``), if asked."""
-    single = learner is None
-    while live := [r for r in runs if r.running]:
-        actions = _act(live, learner)
-        for run in live:
-            run.start_step(actions.get(run.k))
-        # with one run, updates whose batch avoids the rows this step writes run while
-        # async envs simulate (the batch, so the update, is the same)
-        early, held = live[0].early_updates() if single else (0, None)
-        for run in live:
-            with run.guard():
-                run.finish_step()
-        _learn([r for r in live if r.running and r.learn], learner, early, held)
-        for run in live:
-            with run.guard():
-                if run.running:
-                    run.after_step()
-        # the members whose last step this was stop the loop's clock together, before any
-        # of them evaluates for the last time
-        t_end = time.perf_counter()
-        for run in live:
-            with run.guard():
-                if run.running and run.state.step >= run.cfg.total_steps:
-                    run.finish(t_end)
-        if refill is not None and any(not r.running and not r.refilled for r in runs):
-            refill()
-
-
-def _act(live: Sequence[_Run], learner: Any) -> dict[int, np.ndarray]:
-    """Each member's actions: uniform until its learning starts, then its explorer's on its
-    policy's actions (one batched forward for a population; parameter noise acts with each
-    member's own perturbed copy)."""
-    batched = None
-    acting = [r for r in live if r.learning_started and r.explorer.kind != "param"]
-    if learner is not None and acting:
-        first = acting[0]
-        obs = torch.zeros(learner.k, *first.obs.shape, device=first.device)
-        for run in acting:
-            obs[run.k] = torch.as_tensor(run.obs, dtype=torch.float32, device=run.device)
-        batched = learner.act(obs)
-    out: dict[int, np.ndarray] = {}
-    for run in live:
-        with run.guard():
-            out[run.k] = run.act(batched[run.k] if batched is not None else None)
-    return out
-
-
-def _learn(learning: Sequence[_Run], learner: Any, early: int, held: torch.Tensor | None) -> None:
-    """This step's updates of the members that learn now."""
-    if not learning:
-        return
-    if learner is None:
-        (run,) = learning
-        run.update_alone(run.cfg.agent.gradient_steps - early, held)
-        return
-    from workbench.population import member_batch
-
-    last: dict[int, Batch] = {}
-    for g in range(max(r.cfg.agent.gradient_steps for r in learning)):
-        indices: list[torch.Tensor | None] = [None] * learner.k
-        for run in learning:
-            if g < run.cfg.agent.gradient_steps:
-                indices[run.k] = run.buffer.sample_indices(run.cfg.agent.batch_size)
-        metrics, batch = learner.learn(indices)
-        for run in learning:
-            if metrics[run.k] is not None:
-                run.state.means.add(metrics[run.k])
-                if run.cfg.noise.kind == "param":  # it adapts on its last batch
-                    last[run.k] = member_batch(batch, run.k)
-    for run in learning:
-        run.updated(last.get(run.k))
+# ----------------------------------------------------------------------------- a member
 
 
 @dataclass
-class _Run:
-    """One member's parts, as the loop uses them."""
+class _Opening:
+    """A member's run, opened: config checked, envs made, a resumed run's checkpoint
+    checked, its MLflow run started. Its agent and buffer come with its slot (``Run``)."""
 
-    k: int  # index in the population
+    member: Member
+    cfg: Config
+    device: torch.device
+    envs: gym.vector.VectorEnv
+    eval_env: gym.Env
+    tracker: Tracker
+    lock: RunLock
+    header: dict[str, Any]  # config, hash and shapes: what a checkpoint must match
+    run_key: str  # the MLflow run id (a made-up one when nothing is tracked)
+    display: ProgressDisplay
+
+    def abandon(self, reason: str) -> None:
+        """End the run FAILED and free what was opened (its population never started)."""
+        self.tracker.end("FAILED", reason)
+        self.envs.close()
+        self.eval_env.close()
+        self.lock.release()
+
+
+def _open(member: Member, *, alone: bool) -> _Opening:
+    """Validate, make the envs, check a resumed run's checkpoint fits, then start (or
+    reopen) the tracker's run: everything that can fail on bad input comes first."""
+    cfg, resume_state = member.cfg, member.resume_state
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    if cfg.torch_threads is not None:
+        torch.set_num_threads(cfg.torch_threads)
+    e = cfg.env
+    options = envs_mod.env_options(e)
+    envs = envs_mod.make_vec_env(
+        e.id, e.n_envs, vectorization=e.vectorization, seed=cfg.seed, **options
+    )
+    eval_env = lock = None
+    try:
+        video = "rgb_array" if cfg.eval.video else None
+        eval_env = envs_mod.make_env(e.id, render_mode=video, **options)
+        if resume_state is not None:
+            assert cfg.resume is not None
+            lock = RunLock(checkpoint_dir(cfg.checkpoint.dir, cfg.resume))
+            lock.acquire()  # refuses a run that is still training elsewhere
+        tracker = member.tracker or make_tracker(
+            cfg.tracking,
+            run_name=run_name(cfg),
+            resume_run_id=cfg.resume if resume_state is not None else None,
+        )
+        header = {
+            "config_hash": config_hash(cfg),
+            "obs_dim": int(np.prod(envs.single_observation_space.shape)),
+            "action_dim": int(np.prod(envs.single_action_space.shape)),
+        }
+        extra_tags = member.tags
+        if resume_state is not None:
+            check_compatible(dict(resume_state), header)
+            step = str(resume_state["step"])
+            extra_tags = {**(extra_tags or {}), RESUMED_AT_STEP_TAG: step}
+        config_tree = to_dict(cfg)
+        config_tree["resume"] = None  # the run's config, not how this process was started
+        tracker.start(params=flatten(config_tree), tags=run_tags(cfg, str(device), extra_tags))
+        tracker.log_text(OmegaConf.to_yaml(config_tree), "config.yaml")
+    except BaseException:
+        envs.close()
+        if eval_env is not None:
+            eval_env.close()
+        if lock is not None:
+            lock.release()
+        raise
+    if tracker.run_id is not None:
+        log.info("MLflow run %s (%s)", tracker.run_id, "resumed" if resume_state else "new")
+    run_key = cfg.resume or tracker.run_id or uuid.uuid4().hex
+    return _Opening(
+        member=member,
+        cfg=cfg,
+        device=device,
+        envs=envs,
+        eval_env=eval_env,
+        tracker=tracker,
+        lock=lock or RunLock(checkpoint_dir(cfg.checkpoint.dir, run_key)),
+        header={**header, "config": to_dict(cfg)},
+        run_key=run_key,
+        display=ProgressDisplay(cfg.total_steps, enabled=cfg.progress and alone),
+    )
+
+
+@dataclass
+class Run:
+    """One member's run in its slot: its opened parts, its agent and buffer (the slot's rows
+    of the learner and replay storage), exploration, evaluation, checkpoints, counters."""
+
+    slot: int
+    opening: _Opening
     cfg: Config
     tracker: Tracker
-    hooks: Sequence[Hook]
     device: torch.device
-    envs: Any
-    eval_env: Any
-    header: dict[str, Any]  # config, hash and shapes: what a checkpoint must match
-    ckpt_lock: RunLock
-    run_key: str  # the MLflow run id (a made-up one when nothing is tracked)
+    agent: Agent
+    buffer: ReplayBuffer
+    explorer: Explorer
+    scale: envs_mod.ActionScale
+    stepper: envs_mod.EnvStepper
     state: RunState
+    evaluator: Evaluator
+    checkpointer: Checkpointer
     result: RunResult
-    display: ProgressDisplay
-    member: Member
-    resume_state: Mapping[str, Any] | None
+    obs: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
     t_start: float = field(default_factory=time.perf_counter)
     t_loop: float = 0.0  # when the training loop started
-    running: bool = False
-    refilled: bool = False  # its slot has been handed on
-    checkpointer: Checkpointer | None = None
-    obs: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    learn: bool = False
-    prev_step: int = 0
-    done: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
-
-    # ----------------------------------------------------------------------------- start
+    running: bool = True
+    handed_on: bool = False  # its slot has been given to the next member (refill)
 
     @classmethod
-    def open(cls, k: int, member: Member, population: int) -> _Run:
-        """Validate, make the envs, check a resumed run's checkpoint fits, then start (or
-        reopen) the tracker's run: everything that can fail on bad input comes first."""
-        cfg, resume_state = member.cfg, member.resume_state
-        validate(cfg)
-        device = resolve_device(cfg.device)
-        if cfg.torch_threads is not None:
-            torch.set_num_threads(cfg.torch_threads)
-        e = cfg.env
-        options = envs_mod.env_options(e)
-        envs = envs_mod.make_vec_env(
-            e.id, e.n_envs, vectorization=e.vectorization, seed=cfg.seed, **options
-        )
-        eval_env = lock = None
-        try:
-            video = "rgb_array" if cfg.eval.video else None
-            eval_env = envs_mod.make_env(e.id, render_mode=video, **options)
-            if resume_state is not None:
-                assert cfg.resume is not None
-                lock = RunLock(checkpoint_dir(cfg.checkpoint.dir, cfg.resume))
-                lock.acquire()  # refuses a run that is still training elsewhere
-            tracker = member.tracker or make_tracker(
-                cfg.tracking,
-                run_name=run_name(cfg),
-                resume_run_id=cfg.resume if resume_state is not None else None,
-            )
-            obs_dim = int(np.prod(envs.single_observation_space.shape))
-            action_dim = int(np.prod(envs.single_action_space.shape))
-            header = {
-                "config_hash": config_hash(cfg),
-                "obs_dim": obs_dim,
-                "action_dim": action_dim,
-            }
-            extra_tags = member.tags
-            if resume_state is not None:
-                check_compatible(dict(resume_state), header)
-                step = str(resume_state["step"])
-                extra_tags = {**(extra_tags or {}), RESUMED_AT_STEP_TAG: step}
-            config_tree = to_dict(cfg)
-            config_tree["resume"] = None  # the run's config, not how this process was started
-            tracker.start(params=flatten(config_tree), tags=run_tags(cfg, str(device), extra_tags))
-            tracker.log_text(OmegaConf.to_yaml(config_tree), "config.yaml")
-        except BaseException:
-            envs.close()
-            if eval_env is not None:
-                eval_env.close()
-            if lock is not None:
-                lock.release()
-            raise
-        if tracker.run_id is not None:
-            log.info("MLflow run %s (%s)", tracker.run_id, "resumed" if resume_state else "new")
-        run_key = cfg.resume or tracker.run_id or uuid.uuid4().hex
+    def start(
+        cls,
+        slot: int,
+        opening: _Opening,
+        learner: DDPG,
+        replay: ReplayStorage,
+        interrupts: Interrupts,
+    ) -> Run:
+        """The member's agent in ``slot`` of the learner (its networks initialized from its
+        seed), its buffer in that row of the replay storage, and the rest of its parts."""
+        cfg, e, tracker = opening.cfg, opening.cfg.env, opening.tracker
+        action_dim = opening.header["action_dim"]
+        seeding.seed_globals(cfg.seed)
+        agent = learner.place(slot, cfg.agent, seed=cfg.seed, normalize_obs=e.normalize_obs)
+        buffer = replay.buffer(slot, cfg.seed)
+        state = RunState(cfg.seed, cfg.perf.device_metrics)
+        scale = envs_mod.ActionScale(opening.envs.single_action_space)
         perf = {"loop_s": 0.0, "final_s": 0.0, "loop_eval_s": 0.0, "final_eval_s": 0.0}
+        perf["replay_nbytes"] = float(buffer.nbytes)
         return cls(
-            k=k,
+            slot=slot,
+            opening=opening,
             cfg=cfg,
             tracker=tracker,
-            hooks=member.hooks,
-            device=device,
-            envs=envs,
-            eval_env=eval_env,
-            header={**header, "config": to_dict(cfg)},
-            ckpt_lock=lock or RunLock(checkpoint_dir(cfg.checkpoint.dir, run_key)),
-            run_key=run_key,
-            state=RunState(cfg.seed, cfg.perf.device_metrics),
+            device=opening.device,
+            agent=agent,
+            buffer=buffer,
+            explorer=Explorer(
+                cfg.noise,
+                cfg.schedule,
+                cfg.epsilon,
+                total_steps=cfg.total_steps,
+                n_envs=e.n_envs,
+                action_dim=action_dim,
+                actor=agent.actor,
+                seed=cfg.seed,
+            ),
+            scale=scale,
+            stepper=envs_mod.EnvStepper(opening.envs, overlaps(cfg)),
+            state=state,
+            evaluator=Evaluator(
+                cfg.eval,
+                opening.eval_env,
+                _policy(agent, scale, opening.device),
+                seed=seeding.eval_seed(cfg.seed),
+                tracker=tracker,
+                state=state,
+                display=opening.display,
+            ),
+            checkpointer=Checkpointer(
+                cfg.checkpoint,
+                opening.lock,
+                opening.run_key,
+                opening.header,
+                interrupts,
+                on_first=lambda d: tracker.set_tags({CHECKPOINT_DIR_TAG: str(d)}),
+                flush=tracker.flush,
+            ),
             result=RunResult(tracker.run_id, "RUNNING", 0, math.nan, math.nan, perf=perf),
-            display=ProgressDisplay(cfg.total_steps, enabled=cfg.progress and population == 1),
-            member=member,
-            resume_state=resume_state,
-            running=True,
         )
 
-    def build(self, interrupts: Interrupts) -> None:
-        """The agent (initialized from the member's seed), buffer, explorer, evaluator and
-        checkpointer; then the first observations (or the checkpoint's state)."""
-        cfg, e = self.cfg, self.cfg.env
-        obs_dim, action_dim = self.header["obs_dim"], self.header["action_dim"]
-        seeding.seed_globals(cfg.seed)
-        self.agent, self.buffer = build_learner(cfg, obs_dim, action_dim, self.device)
-        self.result.perf["replay_nbytes"] = float(self.buffer.nbytes)
-        self.explorer = Explorer(
-            cfg.noise,
-            cfg.schedule,
-            cfg.epsilon,
-            total_steps=cfg.total_steps,
-            n_envs=e.n_envs,
-            action_dim=action_dim,
-            actor=self.agent.actor,
-            seed=cfg.seed,
-        )
-        self.scale = envs_mod.ActionScale(self.envs.single_action_space)
-        self.stepper = envs_mod.EnvStepper(self.envs, overlaps(cfg))
-        self.evaluator = Evaluator(
-            cfg.eval,
-            self.eval_env,
-            self._policy,
-            seed=seeding.eval_seed(cfg.seed),
-            tracker=self.tracker,
-            state=self.state,
-            display=self.display,
-        )
-        tracker = self.tracker
-        self.checkpointer = Checkpointer(
-            cfg.checkpoint,
-            self.ckpt_lock,
-            self.run_key,
-            self.header,
-            interrupts,
-            on_first=lambda d: tracker.set_tags({CHECKPOINT_DIR_TAG: str(d)}),
-            flush=tracker.flush,
-        )
-        self.obs = self._first_obs(self.resume_state)
-
-    def _policy(self, obs: np.ndarray) -> np.ndarray:
-        """The deterministic policy on one raw observation, in env units (evaluation)."""
-        x = torch.as_tensor(obs, dtype=torch.float32, device=self.device).reshape(1, -1)
-        return self.scale.to_env(self.agent.act(x)[0].cpu().numpy())
-
-    def _first_obs(self, resume_state: Mapping[str, Any] | None) -> np.ndarray:
+    def reset(self) -> None:
+        """The first observations: a fresh episode per env, or the checkpoint's state."""
+        resume_state = self.opening.member.resume_state
         if resume_state is None:
-            obs, _ = self.envs.reset(seed=seeding.env_seeds(self.cfg.seed, self.cfg.env.n_envs))
-            self.agent.obs_norm.update(obs)
-            return obs
-        obs = restore(
+            seeds = seeding.env_seeds(self.cfg.seed, self.cfg.env.n_envs)
+            self.obs, _ = self.opening.envs.reset(seed=seeds)
+            self.agent.obs_norm.update(self.obs)
+            return
+        self.obs = restore(
             dict(resume_state),
             agent=self.agent,
             buffer=self.buffer,
             explorer=self.explorer,
             state=self.state,
-            envs=self.envs,
+            envs=self.opening.envs,
             seed=self.cfg.seed,
         )
         log.info("resumed run %s at step %d", self.cfg.resume, self.state.step)
-        self.display.advance(self.state.step)
-        return obs
+        self.opening.display.advance(self.state.step)
+
+    # ------------------------------------------------------------------------------ step
+
+    @property
+    def acts_by_policy(self) -> bool:
+        """Whether its actions come from the learner's batched forward pass this step (not
+        uniform before learning starts; not a perturbed copy's, under parameter noise)."""
+        return self.state.step >= self.cfg.agent.learning_starts and self.explorer.kind != "param"
+
+    def explore(self, policy: torch.Tensor | None) -> np.ndarray:
+        """Uniform actions until learning starts, then the explorer's on the policy's
+        actions (the learner's ``policy`` rows, or under parameter noise its own copy's)."""
+        state, e = self.state, self.cfg.env
+        if state.step < self.cfg.agent.learning_starts:
+            shape = (e.n_envs, self.opening.header["action_dim"])
+            return state.rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
+        if self.acts_by_policy:
+            assert policy is not None
+            actions = self.explorer.explore(policy[self.slot], state.step)
+        else:
+            obs = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)
+            actions = self.explorer.act(self.agent.actor, self.agent.obs_norm(obs), state.step)
+        if not np.isfinite(actions).all():
+            raise DivergenceError(f"non-finite action {actions.tolist()} at step {state.step}")
+        return actions
+
+    def updates_due(self) -> bool:
+        """Whether this step (not yet counted) ends with updates."""
+        a, state = self.cfg.agent, self.state
+        return (
+            state.step + self.cfg.env.n_envs >= a.learning_starts
+            and (state.vec_steps + 1) % a.train_freq == 0
+            and a.gradient_steps > 0
+        )
+
+    def store(self, actions: np.ndarray) -> tuple[int, np.ndarray]:
+        """The envs' answer: the transitions stored, ended episodes recorded, the next
+        observations. Returns the step count before this step and which envs ended."""
+        next_obs, rewards, terminated, truncated, infos = self.stepper.finish()
+        real_next = envs_mod.real_next_obs(next_obs, infos)
+        self.buffer.add(self.obs, actions, rewards, real_next, terminated, truncated)
+        prev_step = self.state.advance(self.cfg.env.n_envs)
+        for _, ep_return, ep_length in envs_mod.finished_episodes(infos):
+            self._episode(ep_return, ep_length)
+        done = np.logical_or(terminated, truncated)
+        if done.any():
+            self.explorer.on_episode_end(self.agent.actor, done)
+        self.obs = next_obs
+        self.agent.obs_norm.update(next_obs)
+        return prev_step, done
+
+    def updated(self, last_batch: Batch | None) -> None:
+        """Count this step's updates; parameter noise adapts on the last batch."""
+        state, n = self.state, self.cfg.agent.gradient_steps
+        state.updates_since_log += n
+        state.updates += n
+        if last_batch is not None:
+            obs = self.agent.obs_norm(last_batch.obs)
+            self.explorer.adapt(self.agent.actor, obs, state.step)
+
+    def after_step(self, prev_step: int, done: np.ndarray, t_end: float) -> None:
+        """Report, evaluate (hooks may stop the run), checkpoint; after the last step the
+        final evaluation, and the run ends (the loop's time ends at ``t_end``)."""
+        cfg, state, step = self.cfg, self.state, self.state.step
+        if _crossed(prev_step, step, cfg.tracking.log_every):
+            self._report()
+        self.opening.display.advance(step)
+        if step >= cfg.total_steps:
+            self.result.perf["loop_s"] = t_end - self.t_loop
+            self._finish()
+            self._end("FINISHED", None)
+            return
+        if _crossed(prev_step, step, cfg.eval.every):
+            metrics = self.evaluator(step)
+            for hook in self.opening.member.hooks:
+                hook.on_evaluation(step, metrics, self.agent)
+        # (a finished run has nothing left to resume: no checkpoint after the last step)
+        all_done = bool(done.all())
+        self.checkpointer.after_step(prev_step, step, state.vec_steps, all_done, self._snapshot)
 
     def _snapshot(self, exact: bool) -> dict[str, Any]:
         return capture(
@@ -548,123 +690,15 @@ class _Run:
             buffer=self.buffer,
             explorer=self.explorer,
             state=self.state,
-            envs=self.envs,
+            envs=self.opening.envs,
         )
-
-    # ------------------------------------------------------------------------------ step
-
-    @property
-    def learning_started(self) -> bool:
-        return self.state.step >= self.cfg.agent.learning_starts
-
-    def act(self, policy_actions: torch.Tensor | None) -> np.ndarray:
-        """Uniform actions until learning starts, then the explorer's (on the population's
-        batched ``policy_actions`` when given, else on this agent's own forward pass)."""
-        state, e = self.state, self.cfg.env
-        if not self.learning_started:
-            shape = (e.n_envs, self.header["action_dim"])
-            return state.rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
-        if policy_actions is not None:
-            actions = self.explorer.explore(policy_actions, state.step)
-        else:
-            obs_t = torch.as_tensor(self.obs, dtype=torch.float32, device=self.device)
-            actions = self.explorer.act(self.agent.actor, self.agent.obs_norm(obs_t), state.step)
-        if not np.isfinite(actions).all():
-            raise DivergenceError(f"non-finite action {actions.tolist()} at step {state.step}")
-        return actions
-
-    def start_step(self, actions: np.ndarray | None) -> None:
-        if not self.running or actions is None:
-            return
-        a, n_envs = self.cfg.agent, self.cfg.env.n_envs
-        self.learn = (
-            self.state.step + n_envs >= a.learning_starts
-            and (self.state.vec_steps + 1) % a.train_freq == 0
-            and a.gradient_steps > 0
-        )
-        self.actions = actions
-        self.stepper.start(self.scale.to_env(actions))
-
-    def finish_step(self) -> None:
-        """The envs' answer: store the transitions, record ended episodes, next observation."""
-        if not self.running:
-            return
-        next_obs, rewards, terminated, truncated, infos = self.stepper.finish()
-        real_next = envs_mod.real_next_obs(next_obs, infos)
-        self.buffer.add(self.obs, self.actions, rewards, real_next, terminated, truncated)
-        self.prev_step = self.state.advance(self.cfg.env.n_envs)
-        for _, ep_return, ep_length in envs_mod.finished_episodes(infos):
-            self._episode(ep_return, ep_length)
-        self.done = np.logical_or(terminated, truncated)
-        if self.done.any():
-            self.explorer.on_episode_end(self.agent.actor, self.done)
-        self.obs = next_obs
-        self.agent.obs_norm.update(next_obs)
-
-    def early_updates(self) -> tuple[int, torch.Tensor | None]:
-        """Updates whose batch does not touch the rows this step will write: they can run
-        while the envs simulate, and the batch, so the update, is the same. Returns how many
-        ran, and the first batch's indices that had to wait (to use after the write)."""
-        a, n_envs = self.cfg.agent, self.cfg.env.n_envs
-        early = 0
-        while self.running and self.stepper.overlap and self.learn and early < a.gradient_steps:
-            idx = self.buffer.sample_indices(a.batch_size, upcoming=n_envs)
-            if self.buffer.hits_pending(idx, n_envs):
-                return early, idx
-            self.state.means.add(self.agent.update(self.buffer.gather(idx)))
-            early += 1
-        return early, None
-
-    def update_alone(self, n: int, held: torch.Tensor | None) -> None:
-        """This step's updates of a run trained on its own."""
-        a = self.cfg.agent
-        batch = None
-        for _ in range(n):
-            idx = held if held is not None else self.buffer.sample_indices(a.batch_size)
-            held = None
-            batch = self.buffer.gather(idx)
-            self.state.means.add(self.agent.update(batch))
-        self.updated(batch)
-
-    def updated(self, last_batch: Batch | None) -> None:
-        """Count this step's updates; parameter noise adapts on the last batch."""
-        state, a = self.state, self.cfg.agent
-        state.updates_since_log += a.gradient_steps
-        state.updates += a.gradient_steps
-        if last_batch is not None and self.cfg.noise.kind == "param":
-            obs = self.agent.obs_norm(last_batch.obs)
-            self.explorer.adapt(self.agent.actor, obs, state.step)
-
-    def after_step(self) -> None:
-        """Report, evaluate (hooks may stop the run), checkpoint (the loop calls ``finish``
-        after the last step)."""
-        cfg, state = self.cfg, self.state
-        prev, step = self.prev_step, state.step
-        if _crossed(prev, step, cfg.tracking.log_every):
-            self._report()
-        self.display.advance(step)
-        if _crossed(prev, step, cfg.eval.every) and step < cfg.total_steps:
-            metrics = self.evaluator(step)
-            for hook in self.hooks:
-                hook.on_evaluation(step, metrics, self.agent)
-        if step < cfg.total_steps:  # a finished run has nothing left to resume
-            assert self.checkpointer is not None
-            self.checkpointer.after_step(
-                prev, step, state.vec_steps, bool(self.done.all()), self._snapshot
-            )
-
-    def finish(self, t_end: float) -> None:
-        """The last step is done: the loop's time ends at ``t_end``; the final evaluation."""
-        self.result.perf["loop_s"] = t_end - self.t_loop
-        self._finish()
-        self._end("FINISHED", None)
 
     def _episode(self, ep_return: float, ep_length: int) -> None:
         step = self.state.step
         metrics = {"train/episode_return": ep_return, "train/episode_length": ep_length}
         self.tracker.log_metrics(metrics, step)
         self.state.record_episode(step, ep_return)
-        self.display.update(step, last_return=ep_return)
+        self.opening.display.update(step, last_return=ep_return)
 
     def _report(self) -> None:
         state = self.state
@@ -675,7 +709,7 @@ class _Run:
             raise DivergenceError(f"non-finite {values} at step {state.step}")
         metrics.update(self.explorer.metrics(state.step))
         self.tracker.log_metrics(metrics, state.step)
-        self.display.update(state.step, sps=metrics["perf/sps"])
+        self.opening.display.update(state.step, sps=metrics["perf/sps"])
 
     # ----------------------------------------------------------------------------- ending
 
@@ -688,12 +722,12 @@ class _Run:
             tmp_dir = Path(tmp)
             video = tmp_dir / "eval.mp4" if cfg.eval.video else None
             metrics = self.evaluator(step, video_path=video, final=True)
-            for hook in self.hooks:
+            for hook in self.opening.member.hooks:
                 hook.on_evaluation(step, metrics, self.agent)
             tracker.log_metrics({"eval/final_return_mean": metrics["eval/return_mean"]}, step)
             _log_figure(tracker, cfg, self.state)
             if cfg.tracking.save_policy and tracker.run_id is not None:
-                h, scale = self.header, self.scale
+                h, scale = self.opening.header, self.scale
                 spec = policy_spec(
                     cfg.env,
                     h["obs_dim"],
@@ -713,8 +747,9 @@ class _Run:
 
     @contextlib.contextmanager
     def guard(self) -> Iterator[None]:
-        """A member's error (or a hook's StopRun) ends its run alone, by ``tracking.ends_run``'s
-        rule; Ctrl-C, which ends every member, goes on up once this one is ended."""
+        """A member's error, a hook's StopRun, or an interrupt after its checkpoint ends its
+        run alone (by ``tracking.ends_run``'s rule); a plain Ctrl-C, which ends every member,
+        goes on up once this one is ended."""
         if not self.running:
             yield
             return
@@ -723,17 +758,16 @@ class _Run:
             with ends_run(self.tracker, reason=self._reason, finish=False) as ending:
                 yield
         except BaseException as err:
-            self.member.error = err
+            self.opening.member.error = err
             self._ended(ending.status, ending.reason)
-            if isinstance(err, KeyboardInterrupt):
+            if isinstance(err, KeyboardInterrupt) and not isinstance(err, Interrupted):
                 raise
 
     def _reason(self, err: BaseException) -> str | None:
         """An interrupt's reason says how to continue from the latest checkpoint."""
         if not isinstance(err, KeyboardInterrupt):
             return None  # StopRun's own reason; "ExcType: message" for a failure
-        step, c = self.state.step, self.checkpointer
-        return c.interrupted_reason(step, err) if c else f"interrupted at step {step}"
+        return self.checkpointer.interrupted_reason(self.state.step, err)
 
     def end_by(self, err: BaseException) -> None:
         """End the run as ``err`` would have ended it inside ``guard``."""
@@ -741,9 +775,9 @@ class _Run:
             raise err
 
     def _end(self, status: str, reason: str | None) -> None:
-        """End the run (the loop's own endings: finished, or never started)."""
-        ck = self.cfg.checkpoint
-        if status == "FINISHED" and not ck.keep_after_finish and self.ckpt_lock.directory.is_dir():
+        """End the run (the loop's own ending: finished)."""
+        kept = self.cfg.checkpoint.keep_after_finish
+        if status == "FINISHED" and not kept and self.opening.lock.directory.is_dir():
             self.tracker.set_tags({CHECKPOINT_DIR_TAG: "(deleted: the run finished)"})
         self.tracker.end(status, reason)
         self._ended(status, reason)
@@ -755,16 +789,17 @@ class _Run:
 
     def close(self) -> None:
         """Fill in the result, close the envs, release (or remove) the checkpoint folder."""
-        if self.running:  # never started its loop: a failure while building the others
+        if self.running:  # never reached its loop: an error while starting the others
             self._end("FAILED", "another member of its population failed to start")
-        self.display.close()
+        o = self.opening
+        o.display.close()
         self._record_result()
-        self.envs.close()
-        self.eval_env.close()
+        o.envs.close()
+        o.eval_env.close()
         if self.result.status == "FINISHED" and not self.cfg.checkpoint.keep_after_finish:
-            self.ckpt_lock.remove_folder()  # only this run's folder: nothing is left to resume
+            o.lock.remove_folder()  # only this run's folder: nothing is left to resume
         else:
-            self.ckpt_lock.release()  # an unfinished run keeps its checkpoints to resume
+            o.lock.release()  # an unfinished run keeps its checkpoints to resume
 
     def _record_result(self) -> None:
         result, state, perf = self.result, self.state, self.result.perf
@@ -775,11 +810,22 @@ class _Run:
             result.final_return_mean = state.eval_returns[-1]
             result.final_return_std = state.eval_stds[-1]
         perf["updates"] = float(state.updates)
-        if hasattr(self, "evaluator"):
-            perf["loop_eval_s"] = self.evaluator.seconds["loop"]
-            perf["final_eval_s"] = self.evaluator.seconds["final"]
-        if self.checkpointer is not None and self.checkpointer.seconds:
+        perf["loop_eval_s"] = self.evaluator.seconds["loop"]
+        perf["final_eval_s"] = self.evaluator.seconds["final"]
+        if self.checkpointer.seconds:
             perf["checkpoint_s"] = self.checkpointer.seconds
+
+
+def _policy(
+    agent: Agent, scale: envs_mod.ActionScale, device: torch.device
+) -> Callable[[np.ndarray], np.ndarray]:
+    """The deterministic policy on one raw observation, in env units (evaluation)."""
+
+    def policy(obs: np.ndarray) -> np.ndarray:
+        x = torch.as_tensor(obs, dtype=torch.float32, device=device).reshape(1, -1)
+        return scale.to_env(agent.act(x)[0].cpu().numpy())
+
+    return policy
 
 
 def _crossed(prev: int, now: int, every: int) -> bool:
@@ -789,7 +835,7 @@ def _crossed(prev: int, now: int, every: int) -> bool:
 def _log_figure(tracker: Tracker, cfg: Config, state: RunState) -> None:
     if isinstance(tracker, NullTracker):
         return
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib only when a figure is made (startup time)
 
     from workbench import plots
 

@@ -256,28 +256,21 @@ class PopulationWorker:
 
 def check_population(spec: Any, *, source: str) -> None:
     """Refuse ``--population`` for a study whose trials could not share one population: a
-    searched key that sets tensor shapes (members that differ there cannot be batched), or a
-    base config the batched update does not cover. Before anything starts."""
-    from workbench.config import compose
-    from workbench.population import SHAPE_KEYS, check_members
+    searched key (or config group) that members must share (``population.SHARED_KEYS``).
+    Before anything starts."""
+    from workbench.population import is_shared
     from workbench.specfile import Problems
 
     c = Problems()
     for p in spec.space:
-        if p.name in SHAPE_KEYS or (p.is_group and p.name in ("env", "agent")):
+        if is_shared(p.name):
             c.fail(
                 f"space.{p.name}",
                 p.type,
-                "sets tensor shapes, so trials drawing different values cannot share a "
-                "population: run this study without --population",
+                "sets tensor shapes, the device or the replay storage, which the members of a "
+                "population share: trials drawing different values cannot share one; run this "
+                "study without --population",
             )
-    base = compose([*spec.base(), *spec.run_overrides()])
-    try:
-        check_members([base, base])
-    except ConfigError as err:
-        for problem in err.problems:
-            if problem.startswith("member 1:"):
-                c.problems.append(f"base: {problem.removeprefix('member 1: ')}")
     c.check(f"{source} with --population")
 
 
