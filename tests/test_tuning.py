@@ -23,7 +23,7 @@ from workbench.config import compose, conf_dir
 from workbench.tracking import embedded_uri
 from workbench.tuning.export import PRESET_EXCLUDED, recheck, trial_overrides
 from workbench.tuning.launch import prepare, resolve_target, run_study, storage_for
-from workbench.tuning.objective import Objective, TrialFailed
+from workbench.tuning.objective import Objective
 from workbench.tuning.spec import parse_spec
 from workbench.tuning.study import (
     ENV_STEPS,
@@ -33,6 +33,7 @@ from workbench.tuning.study import (
     PRUNE_REASON,
     counts,
 )
+from workbench.tuning.worker import Worker
 
 
 def _spec(tmp_path, **changes):
@@ -67,11 +68,18 @@ def _add_a_far_better_trial(study):
     )
 
 
+def _one_more_trial(spec, study) -> None:
+    """A worker (K=1) that runs the study's next trial, then stops."""
+    n = sum(counts(t) for t in study.trials) + 1
+    objective = Objective(spec, parent_run_id=None, n_trials=n)
+    Worker(study, objective, 1, deadline=None, on_trial_end=lambda *_: None).run()
+
+
 def test_pruner_stops_a_bad_trial_before_its_last_step(tmp_path):
     spec = _spec(tmp_path, pruner={"name": "median", "n_startup_trials": 1})
     study, _ = prepare(spec)
     _add_a_far_better_trial(study)  # the real run is below the median
-    study.optimize(Objective(spec, parent_run_id=None, n_trials=None), n_trials=1)
+    _one_more_trial(spec, study)
     trial = study.trials[-1]
     assert trial.state == TrialState.PRUNED
     assert trial.user_attrs[ENV_STEPS] < spec.steps  # it really stopped early
@@ -268,9 +276,9 @@ def test_objective_records_unusable_config_as_a_failure(tmp_path):
         tmp_path, space={"agent.batch_size": {"type": "int", "low": 300000, "high": 300001}}
     )
     study, _ = prepare(spec)
-    with pytest.raises(TrialFailed):
-        Objective(spec, parent_run_id=None, n_trials=None)(study.ask())
+    _one_more_trial(spec, study)
     trial = study.trials[-1]
+    assert trial.state == TrialState.FAIL and counts(trial)
     assert "must not exceed agent.buffer_size" in trial.user_attrs[FAIL_REASON]
 
 
@@ -283,14 +291,14 @@ def test_report_only_and_missing_study(tmp_path, capsys):
 def test_trials_that_break_for_other_reasons_do_not_count_and_stop_the_worker(
     tmp_path, monkeypatch
 ):
-    from workbench.tuning import objective as objective_mod
+    from workbench import train as train_mod
     from workbench.tuning.objective import MAX_CONSECUTIVE_ERRORS, StudyError
     from workbench.tuning.study import ERROR_ATTR
 
     def broken(*args, **kwargs):
         raise RuntimeError("simulator crashed")
 
-    monkeypatch.setattr(objective_mod, "train", broken)
+    monkeypatch.setattr(train_mod.Run, "reset", broken)
     spec = _spec(tmp_path, n_trials=5)
     with pytest.raises(StudyError, match="simulator crashed"):
         run_study(spec)
@@ -298,6 +306,33 @@ def test_trials_that_break_for_other_reasons_do_not_count_and_stop_the_worker(
     assert len(trials) == MAX_CONSECUTIVE_ERRORS
     assert all(t.state == TrialState.FAIL and not counts(t) for t in trials)
     assert all("RuntimeError: simulator crashed" in t.user_attrs[ERROR_ATTR] for t in trials)
+
+
+@pytest.mark.parametrize("k", [1, 2], ids=["sequential", "population"])
+def test_a_store_that_fails_stops_the_worker_and_its_trials_do_not_count(tmp_path, monkeypatch, k):
+    """One tracking-failure policy for K=1 and K>1: a run whose store fails stops the worker
+    with the store's error; its trial, and any other in flight, ends FAILED and is not
+    counted; no state tag is written (it would fail again); no new trial starts."""
+    from workbench import train as train_mod
+    from workbench.tracking import TrackingError
+
+    def down(self):
+        raise TrackingError("the store went away")
+
+    monkeypatch.setattr(train_mod.Run, "_report", down)
+    spec = _spec(tmp_path, n_trials=4)
+    with pytest.raises(TrackingError, match="went away"):
+        run_study(spec, population=k)
+    trials = _load(spec).trials
+    assert len(trials) == k
+    assert all(t.state == TrialState.FAIL and not counts(t) for t in trials)
+    runs = {r.info.run_name: r for r in _runs(tmp_path, "study-tiny")}
+    for n in range(k):
+        trial_run = runs[f"trial-{n:04d}"]
+        assert trial_run.info.status == "FAILED"
+        assert trial_run.data.tags["workbench.status_reason"] == "the tracking store failed"
+        assert trial_run.data.tags["workbench.trial_state"] == "running"  # no state tag
+    assert runs["study-tiny"].info.status == "FAILED"
 
 
 # --------------------------------------------------------------------------- populations
@@ -344,7 +379,7 @@ def test_a_population_study_prunes_and_refills(tmp_path):
 
 def test_population_refuses_a_search_over_shapes(tmp_path):
     from workbench.specfile import SpecError
-    from workbench.tuning.population import check_population
+    from workbench.tuning.worker import check_population
 
     space = {"agent.actor_hidden": {"type": "categorical", "choices": [[16], [32]]}}
     with pytest.raises(SpecError, match=r"space\.agent\.actor_hidden.*sets tensor shapes"):

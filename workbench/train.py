@@ -244,10 +244,13 @@ def _train(
         for run in slots:
             run.t_loop = t_loop  # one loop for all: its time starts once every member is in
         with interrupts:
-            while live := [run for run in slots if run.running]:
-                _step(live, learner, replay)
-                if refill is not None:
+            while True:
+                if refill is not None:  # the slots whose run ended (or never started)
                     _refill(slots, runs, learner, replay, refill, interrupts)
+                live = [run for run in slots if run.running]
+                if not live:
+                    break
+                _step(live, learner, replay)
     except KeyboardInterrupt as err:
         for run in runs:
             if run.running:

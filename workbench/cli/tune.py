@@ -171,7 +171,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     try:
         _preflight(spec, args.spec, args.storage)
         if args.population > 1:
-            from workbench.tuning.population import check_population
+            from workbench.tuning.worker import check_population
 
             check_population(spec, source=str(args.spec))
         outcome = run_study(

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,14 +24,7 @@ from workbench.config import compose, flatten, to_dict
 from workbench.tracking import ParentRun, ends_run, redact, resolve_uri
 from workbench.tracking.tags import BEST_TRIAL_TAG, ROLE_TAG, STORAGE_TAG, STUDY_TAG
 from workbench.tuning import run_tree as runs
-from workbench.tuning.objective import (
-    MAX_CONSECUTIVE_ERRORS,
-    Objective,
-    StudyError,
-    Surplus,
-    TrialError,
-    TrialFailed,
-)
+from workbench.tuning.objective import Objective
 from workbench.tuning.spec import StudySpec, choice_key
 from workbench.tuning.study import (
     ENV_STEPS,
@@ -47,6 +39,7 @@ from workbench.tuning.study import (
     open_study,
     progress,
 )
+from workbench.tuning.worker import Worker
 
 log = logging.getLogger(__name__)
 
@@ -152,42 +145,7 @@ def run_worker(ctx: WorkerContext) -> int:
     objective = Objective(spec, parent_run_id=ctx.parent_run_id, n_trials=ctx.n_trials)
     parent = runs.parent_logger(uri, ctx.parent_run_id) if uri and ctx.parent_run_id else None
     callback = StudyMetrics(parent, spec.objective.direction)
-    if ctx.population > 1:
-        from workbench.tuning.population import PopulationWorker
-
-        worker = PopulationWorker(
-            study, objective, ctx.population, deadline=ctx.deadline, on_trial_end=callback
-        )
-        worker.run()
-        if worker.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
-            raise StudyError(
-                f"{worker.consecutive_errors} trials in a row broke for reasons unrelated to "
-                f"their parameters (last: {worker.last_error}); fix that and run the same "
-                "command to resume"
-            )
-        return 0
-    poll_s = min(5.0, spec.grace_period / 4)
-    while True:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)
-        done, running, _ = progress(study)
-        if ctx.n_trials is not None and done >= ctx.n_trials:
-            break
-        if ctx.deadline is not None and time.time() >= ctx.deadline:
-            break
-        if ctx.n_trials is not None and done + running >= ctx.n_trials:
-            time.sleep(poll_s)  # the rest are running (or their worker died: wait it out)
-            continue
-        study.optimize(
-            objective, n_trials=1, catch=(TrialFailed, TrialError, Surplus), callbacks=[callback]
-        )
-        if objective.consecutive_errors >= MAX_CONSECUTIVE_ERRORS:
-            raise StudyError(
-                f"{objective.consecutive_errors} trials in a row broke for reasons unrelated to "
-                f"their parameters (last: {objective.last_error}); fix that and run the same "
-                "command to resume"
-            )
+    Worker(study, objective, ctx.population, deadline=ctx.deadline, on_trial_end=callback).run()
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The study objective: sample a point, compose its config, ``train()`` it on each seed, score.
+"""The study objective: what a trial is (a config per seed, its MLflow runs), how it is
+pruned, and how it is scored. ``worker.Worker`` trains the trials.
 
 Seeds and pruning. A trial's seeds run one after another, in the spec's order. After every
 evaluation the pruning hook reports the *running aggregate* of the learning curve: at the i-th
@@ -6,7 +7,7 @@ evaluation of seed j it reports mean/IQM over seeds 0..j of their i-th evaluatio
 ``j * steps + env_step``. Every trial reports at the same steps, so the pruner compares like
 with like; a trial is pruned as soon as its curve (averaged over the seeds seen so far) falls
 behind, which may be during its first seed. A pruned run really stops: the hook raises
-``StopRun`` inside ``train()``, which ends that MLflow run KILLED with the reason.
+``StopRun`` inside the training loop, which ends that MLflow run KILLED with the reason.
 
 Scores. Each seed's eval curve is scored (final eval, mean of the last k, best, or area under
 the curve normalised by its span, i.e. the mean return over training) and the seed scores are
@@ -27,13 +28,9 @@ from optuna.trial import TrialState
 from workbench import stats
 from workbench.config import Config, ConfigError, compose, config_hash, flatten, to_dict
 from workbench.tracking import (
-    Ending,
     NullTracker,
     StopRun,
     Tracker,
-    TrackingError,
-    ends_run,
-    make_tracker,
     redact,
 )
 from workbench.tracking.tags import (
@@ -45,17 +42,10 @@ from workbench.tracking.tags import (
     TRIAL_STATE_TAG,
     TRIAL_TAG,
 )
-from workbench.train import DivergenceError, train
+from workbench.train import DivergenceError
 from workbench.tuning import run_tree as runs
-from workbench.tuning.spec import StudySpec, sample, to_overrides
+from workbench.tuning.spec import StudySpec
 from workbench.tuning.study import (
-    ENV_STEPS,
-    ERROR_ATTR,
-    FAIL_REASON,
-    MLFLOW_RUN,
-    OVERRIDES,
-    PRUNE_REASON,
-    SEED_SCORES,
     SURPLUS,
     counts,
 )
@@ -63,20 +53,11 @@ from workbench.tuning.study import (
 log = logging.getLogger(__name__)
 
 
-class TrialFailed(Exception):
-    """A trial reached a verdict of failure (diverged, unusable config): record it, go on."""
-
-
-class TrialError(Exception):
-    """A trial broke for a reason that says nothing about its parameters (a crash, a broken
-    config tree): not counted; several in a row stop the worker (see MAX_CONSECUTIVE_ERRORS)."""
-
-
 class StudyError(RuntimeError):
     """A worker gave up: trials keep breaking for reasons unrelated to their parameters."""
 
 
-MAX_CONSECUTIVE_ERRORS = 3
+MAX_CONSECUTIVE_ERRORS = 3  # trials in a row broken for reasons unrelated to their values
 VERDICTS = (DivergenceError, ConfigError)  # failures that are a result about the parameters
 
 
@@ -149,39 +130,15 @@ class PruningHook:
 # ----------------------------------------------------------------------------- objective
 
 
-def _failure_reason(err: BaseException) -> str:
+def failure_reason(err: BaseException) -> str:
     """One redacted line: a config error says it all; anything else is named by its type."""
     text = str(err) if isinstance(err, ConfigError) else f"{type(err).__name__}: {err}"
     return redact(" ".join(text.split()))[:1000]
 
 
-def _end_reason(err: BaseException) -> str | None:
-    """The reason a trial run ends with; None keeps ``ends_run``'s (pruning, Ctrl-C)."""
-    if isinstance(err, StopRun | KeyboardInterrupt):
-        return None
-    if isinstance(err, TrackingError):
-        return "the tracking store failed"
-    return _failure_reason(err)
-
-
-def _state_tags(ending: Ending) -> dict[str, str] | None:
-    """The trial run's state tag; none when the store failed (it would fail again)."""
-    err = ending.error
-    if isinstance(err, TrackingError):
-        return None
-    if err is None:
-        state = "complete"
-    elif isinstance(err, StopRun):
-        state = "pruned"
-    elif isinstance(err, KeyboardInterrupt):
-        state = "interrupted"
-    else:
-        state = "failed"
-    return {TRIAL_STATE_TAG: state}
-
-
 class Objective:
-    """Callable for ``study.optimize``; one instance per worker process."""
+    """What a trial is: its configs (one per seed), its MLflow trial run and its seed runs'
+    tags; one instance per worker process (``worker.Worker`` runs the trials)."""
 
     def __init__(self, spec: StudySpec, *, parent_run_id: str | None, n_trials: int | None):
         self.spec = spec
@@ -190,7 +147,7 @@ class Objective:
         self.consecutive_errors = 0
         self.last_error = ""
 
-    def _check_surplus(self, trial: optuna.Trial) -> None:
+    def check_surplus(self, trial: optuna.Trial) -> None:
         if self.n_trials is None:
             return
         trials = trial.study.get_trials(deepcopy=False)
@@ -207,73 +164,7 @@ class Objective:
         base = [*self.spec.base(), "checkpoint.every=0", *self.spec.run_overrides(), *sampled]
         return [compose([*base, f"seed={s}"]) for s in self.spec.objective.seeds]
 
-    def __call__(self, trial: optuna.Trial) -> float:
-        self._check_surplus(trial)
-        spec, obj = self.spec, self.spec.objective
-        values = sample(trial, spec.space)
-        sampled = to_overrides(values)
-        trial.set_user_attr(OVERRIDES, sampled)
-        env_steps = 0
-        hook: PruningHook | None = None
-        tracker: Tracker = NullTracker()
-        try:
-            cfgs = self.configs(sampled)
-            tracker = self._start_trial_run(trial, cfgs[0], sampled)
-            with ends_run(tracker, reason=_end_reason, tags=_state_tags):
-                if tracker.run_id is not None:
-                    trial.set_user_attr(MLFLOW_RUN, tracker.run_id)
-                curves: list[list[float]] = []
-                steps: list[int] = []
-                scores: list[float] = []
-                for i, cfg in enumerate(cfgs):
-                    hook = PruningHook(trial, spec, i, curves, tracker)
-                    seed_tracker = make_tracker(
-                        cfg.tracking,
-                        run_name=f"{runs.trial_run_name(trial.number)}-s{cfg.seed}",
-                        parent_run_id=tracker.run_id,
-                    )
-                    result = train(cfg, seed_tracker, [hook], tags=self._seed_tags(trial, sampled))
-                    env_steps += result.steps
-                    hook = None
-                    curves.append(result.eval_returns)
-                    steps = result.eval_steps
-                    scores.append(
-                        score_curve(steps, result.eval_returns, obj.score, obj.k, obj.direction)
-                    )
-                    tracker.log_metrics({"trial/seed_score": scores[-1]}, i)
-                value = aggregate(scores, obj.aggregate)
-                trial.set_user_attr(ENV_STEPS, env_steps)
-                trial.set_user_attr(SEED_SCORES, scores)
-                for j, step in enumerate(steps):
-                    col = [c[j] for c in curves if j < len(c)]
-                    tracker.log_metrics({obj.metric: aggregate(col, obj.aggregate)}, step)
-                tracker.log_metrics({"trial/score": value}, env_steps)
-            self.consecutive_errors = 0
-            return value
-        except StopRun as stop:
-            env_steps += hook.last_step if hook is not None else 0
-            self.consecutive_errors = 0
-            trial.set_user_attr(ENV_STEPS, env_steps)
-            trial.set_user_attr(PRUNE_REASON, stop.reason)
-            raise optuna.TrialPruned(stop.reason) from None
-        except TrackingError:
-            raise  # not a verdict on the trial: stop this worker with the message
-        except Exception as err:
-            env_steps += hook.last_step if hook is not None else 0
-            reason = _failure_reason(err)
-            trial.set_user_attr(ENV_STEPS, env_steps)
-            if isinstance(err, VERDICTS):
-                self.consecutive_errors = 0
-                trial.set_user_attr(FAIL_REASON, reason)
-                log.warning("trial %d failed: %s", trial.number, reason)
-                raise TrialFailed(reason) from err
-            self.consecutive_errors += 1
-            self.last_error = reason
-            trial.set_user_attr(ERROR_ATTR, reason)
-            log.error("trial %d broke (not counted): %s", trial.number, reason, exc_info=err)
-            raise TrialError(reason) from err
-
-    def _start_trial_run(self, trial: optuna.Trial, cfg: Config, sampled: Sequence[str]) -> Tracker:
+    def start_trial_run(self, trial: optuna.Trial, cfg: Config, sampled: Sequence[str]) -> Tracker:
         if cfg.tracking.backend == "none":
             return NullTracker()
         params = {k: v for k, v in flatten(to_dict(cfg)).items() if k != "seed"}
@@ -294,7 +185,7 @@ class Objective:
             tags=tags,
         )
 
-    def _seed_tags(self, trial: optuna.Trial, sampled: Sequence[str]) -> dict[str, str]:
+    def seed_tags(self, trial: optuna.Trial, sampled: Sequence[str]) -> dict[str, str]:
         return {
             STUDY_TAG: self.spec.name,
             TRIAL_TAG: str(trial.number),
