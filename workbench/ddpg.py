@@ -23,7 +23,10 @@ logs, prints or reads a value back to the host: the loop reads the metrics at lo
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -155,6 +158,7 @@ class StackedMLP:
                 raise ValueError(f"StackedMLP cannot run a {type(module).__name__} layer")
         if offset != flat.shape[1]:
             raise ValueError(f"the buffer has {flat.shape[1]} values per member, the net {offset}")
+        self.head_transposed = r > 1 and self.layers[-1].weight.shape[1] == 1
         # the first layer's weights for the inputs whose gradient is asked for
         self.input_weight = (
             self.layers[0].weight[:, :, input_columns] if input_columns is not None else None
@@ -168,7 +172,12 @@ class StackedMLP:
         for i, layer in enumerate(self.layers):
             if keep:
                 cache.inputs.append(h)
-            z = torch.baddbmm(layer.bias, h, layer.weight_t)
+            if i == last and self.head_transposed:
+                # one output per member: K matrix-vector products run ~3x faster batched
+                # with the vector on the left, (W h^T + b)^T
+                z = torch.baddbmm(layer.bias, layer.weight, h.transpose(1, 2)).transpose(1, 2)
+            else:
+                z = torch.baddbmm(layer.bias, h, layer.weight_t)
             if i == last:
                 return z, cache
             if layer.norm is not None:
@@ -316,6 +325,7 @@ class Agent:
             "critic": (cfg.critic_lr, cfg.critic_weight_decay),
         }
         parts = ("", "_grad", "_exp_avg", "_exp_avg_sq")
+        self.adam_steps = {"actor": 0, "critic": 0}  # the step counts, read on the host
         self.adam_rows = {
             net: (*(rows[f"{net}{part}"] for part in parts), steps[net])
             for net in ("actor", "critic")
@@ -361,6 +371,7 @@ class Agent:
         self.obs_norm.load_state_dict(state["obs_norm"])
         self.generator.set_state(state["generator"])
         self.n_updates = int(state["n_updates"])
+        self.adam_steps = {net: int(step.item()) for net, step in self.steps.items()}
 
 
 def _adopt(module: nn.Module, row: torch.Tensor) -> None:
@@ -398,6 +409,8 @@ class DDPG:
     ):
         self.k, self.obs_dim, self.action_dim = k, obs_dim, action_dim
         self.shape = shape
+        if k > 1:
+            keep_freed_memory()
         self.device = torch.device(device)
         self.n_critics = shape.n_critics
         # the networks' layout, without values (no draw from torch's generator)
@@ -624,23 +637,26 @@ class DDPG:
         grad.mul_(torch.clamp(self.max_grad_norm / (total + 1e-6), max=1.0))
 
     def _adam(self, net: str, members: Sequence[Agent]) -> None:
-        """Adam on each member's rows: one fused call per set of equal (lr, weight decay).
-        The kernel works tensor by tensor, so each row gets the floats of its own step."""
-        groups: dict[tuple[float, float], list[Agent]] = {}
+        """Adam on each member's rows: one fused call per set of equal (lr, weight decay,
+        step count); every member alike, one call on the stacked buffers. The kernel works
+        element by element, so each row gets the floats of its own step."""
+        groups: dict[tuple[float, float, int], list[Agent]] = {}
         for agent in members:
-            groups.setdefault(agent.adam_values[net], []).append(agent)
-        for (lr, weight_decay), alike in groups.items():
-            params, grads, exp_avgs, exp_avg_sqs, steps = zip(
-                *(a.adam_rows[net] for a in alike), strict=True
-            )
-            torch._foreach_add_(steps, 1.0)
+            agent.adam_steps[net] += 1
+            key = (*agent.adam_values[net], agent.adam_steps[net])
+            groups.setdefault(key, []).append(agent)
+        for (lr, weight_decay, _), alike in groups.items():
+            if len(alike) == self.k:
+                self.steps[net].add_(1.0)
+                s, step = self.storage, self.steps[net][0]
+                tensors = [[s[net]], [s[f"{net}_grad"]], [s[f"{net}_exp_avg"]]]
+                tensors += [[s[f"{net}_exp_avg_sq"]], [], [step]]
+            else:
+                rows = [list(t) for t in zip(*(a.adam_rows[net] for a in alike), strict=True)]
+                torch._foreach_add_(rows[4], 1.0)
+                tensors = [*rows[:4], [], rows[4]]
             torch._fused_adam_(
-                params,
-                grads,
-                exp_avgs,
-                exp_avg_sqs,
-                [],
-                steps,
+                *tensors,
                 lr=lr,
                 beta1=BETAS[0],
                 beta2=BETAS[1],
@@ -650,15 +666,16 @@ class DDPG:
                 maximize=False,
             )
 
-    @staticmethod
-    def _polyak(members: Sequence[Agent]) -> None:
-        """Each member's targets toward its networks by its own tau: one lerp call per tau."""
+    def _polyak(self, members: Sequence[Agent]) -> None:
+        """Each member's targets toward its networks by its own tau: one lerp call per tau
+        (every member alike: on the stacked buffers)."""
         by_tau: dict[float, list[Agent]] = {}
         for agent in members:
             by_tau.setdefault(agent.cfg.tau, []).append(agent)
         for tau, alike in by_tau.items():
-            targets = [a.rows[n] for a in alike for n in ("critic_target", "actor_target")]
-            sources = [a.rows[n] for a in alike for n in ("critic", "actor")]
+            rows = [self.storage] if len(alike) == self.k else [a.rows for a in alike]
+            targets = [r[n] for r in rows for n in ("critic_target", "actor_target")]
+            sources = [r[n] for r in rows for n in ("critic", "actor")]
             torch._foreach_lerp_(targets, sources, tau)
 
     # --------------------------------------------------------------------------- compile
@@ -705,6 +722,27 @@ class DDPG:
             out = eager(*args)
         self._unverified.discard(which)
         return out
+
+
+@functools.cache
+def keep_freed_memory() -> None:
+    """Let glibc keep freed memory for the next allocation (once per process, on Linux).
+
+    A batched pass allocates temporaries of K x batch x width floats (0.5 MB each at K=8,
+    width 64). glibc serves blocks that large by mmap and hands them back on free, so each
+    pass page-faults its temporaries in again: a population's first run in a process took
+    27.6 s instead of 19.6 s (Pendulum, K=8, 5k steps each). PyTorch's CPU tuning guide
+    points to the same remedy (a caching malloc such as jemalloc).
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # another C library: its own rules
+        return
+    m_trim_threshold, m_mmap_threshold = -1, -3  # malloc.h
+    libc.mallopt(m_mmap_threshold, 64 << 20)
+    libc.mallopt(m_trim_threshold, 256 << 20)
 
 
 # What a member must share with its learner: the networks' shapes

@@ -107,6 +107,7 @@ class ReplayStorage:
             {name: t[k : k + 1] for name, t in self.rows.items()} for k in range(self.k)
         ]
         self.buffers: list[ReplayBuffer | None] = [None] * self.k
+        self._repeats: dict[tuple[tuple[int, ...], int], torch.Tensor] = {}
         # compact gathers patch the rare rows by index after a host check (free on a CPU, a
         # sync elsewhere, where the same selection runs without one)
         self.patch_on_host = self.storage_device.type == "cpu"
@@ -131,7 +132,7 @@ class ReplayStorage:
         buffers' indices one after another): a batch stacked ``(len(slots), B, ...)``."""
         at = idx
         if len(slots) > 1:  # rows of the storage seen as one table
-            at = idx + self._offsets(slots, idx).repeat_interleave(idx.numel() // len(slots))
+            at = idx + self._repeat([k * self.capacity for k in slots], idx)
         take = functools.partial(self._take, slots)
         next_obs = self._compact_next_obs(slots, idx, at) if self.compact else None
         batch = Batch(
@@ -154,9 +155,12 @@ class ReplayStorage:
         t = self._tables[name]
         return t.index_select(0, at).view(len(slots), -1, *t.shape[1:])
 
-    def _offsets(self, slots: Sequence[int], idx: torch.Tensor) -> torch.Tensor:
-        """Where each slot's rows start in the storage seen as one (K * capacity) table."""
-        return torch.tensor(slots, device=idx.device) * self.capacity
+    def _repeat(self, values: Sequence[int], idx: torch.Tensor) -> torch.Tensor:
+        """``values``, each once per row of a member's batch in ``idx`` (made once)."""
+        key = (tuple(values), idx.numel() // len(values))
+        if key not in self._repeats:
+            self._repeats[key] = torch.tensor(values, device=idx.device).repeat_interleave(key[1])
+        return self._repeats[key]
 
     def _compact_next_obs(
         self, slots: Sequence[int], idx: torch.Tensor, at: torch.Tensor
@@ -190,8 +194,8 @@ class ReplayStorage:
             recent = torch.cat([x.recent_next for x in buffers])
             starts = torch.tensor([x.recent_start for x in buffers], device=idx.device)
             j = (idx - starts.repeat_interleave(b)) % self.capacity
-            member = torch.arange(r, device=idx.device).repeat_interleave(b)
-            newest_at = j.clamp(max=n - 1) + member * n
+            # each buffer's newest rows lie at its place in the cat of their next observations
+            newest_at = j.clamp(max=n - 1) + self._repeat([i * n for i in range(r)], idx)
         newest = j < n
         if self.patch_on_host:
             aside_rows = kept >= 0 if kept is not None else None
@@ -227,6 +231,12 @@ class ReplayBuffer:
         self.device, self.storage_device = storage.device, storage.storage_device
         # this member's rows: views of the storage
         self.rows: dict[str, torch.Tensor] = {name: t[slot] for name, t in storage.rows.items()}
+        # on the host, the same memory as NumPy arrays (written through without a tensor op)
+        self.host: dict[str, np.ndarray] = (
+            {name: t.numpy() for name, t in self.rows.items()}
+            if self.storage_device.type == "cpu"
+            else {}
+        )
         self.pos = 0  # next write index
         self.size = 0
         # its own stream of the run seed (workbench.seeding): not in lockstep with another
@@ -263,10 +273,10 @@ class ReplayBuffer:
         On the host a slice is written through a NumPy view of the same memory: a few
         microseconds, where a tensor index_put costs tens (one add writes five or six).
         """
-        target = self.rows[name]
-        if isinstance(at, slice) and target.device.type == "cpu":
-            target.numpy()[at] = values
+        if isinstance(at, slice) and self.host:
+            self.host[name][at] = values
         else:
+            target = self.rows[name]
             host = np.asarray(values, dtype=_NUMPY_DTYPES[target.dtype])
             target[at] = torch.as_tensor(host, device=target.device)
 

@@ -21,7 +21,7 @@ import math
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -309,11 +309,12 @@ def _observations(runs: Sequence[Run], k: int) -> torch.Tensor:
     """The members' current observations as (K, n_envs, obs_dim) rows (zeros elsewhere)."""
     first = runs[0]
     if k == 1:
-        return torch.as_tensor(first.obs, dtype=torch.float32, device=first.device).unsqueeze(0)
-    obs = torch.zeros(k, *first.obs.shape, device=first.device)
-    for run in runs:
-        obs[run.slot] = torch.as_tensor(run.obs, dtype=torch.float32, device=run.device)
-    return obs
+        obs = first.obs[None]
+    else:
+        obs = np.zeros((k, *first.obs.shape), dtype=np.float32)
+        for run in runs:
+            obs[run.slot] = run.obs
+    return torch.as_tensor(obs, dtype=torch.float32, device=first.device)
 
 
 @dataclass
@@ -524,6 +525,10 @@ class Run:
     t_loop: float = 0.0  # when the training loop started
     running: bool = True
     handed_on: bool = False  # its slot has been given to the next member (refill)
+    _guard: _Guard = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._guard = _Guard(self)
 
     @classmethod
     def start(
@@ -748,23 +753,22 @@ class Run:
             tracker.flush()
         perf["final_s"] = time.perf_counter() - t0
 
-    @contextlib.contextmanager
-    def guard(self) -> Iterator[None]:
+    def guard(self) -> _Guard:
         """A member's error, a hook's StopRun, or an interrupt after its checkpoint ends its
         run alone (by ``tracking.ends_run``'s rule); a plain Ctrl-C, which ends every member,
         goes on up once this one is ended."""
-        if not self.running:
-            yield
-            return
+        return self._guard
+
+    def _fail(self, err: BaseException) -> bool:
+        """End the run as ``err`` ends it; True when the loop goes on without it."""
         ending = Ending()
         try:
             with ends_run(self.tracker, reason=self._reason, finish=False) as ending:
-                yield
-        except BaseException as err:
-            self.opening.member.error = err
+                raise err
+        except BaseException as final:  # err, or the store's error while ending the run
+            self.opening.member.error = final
             self._ended(ending.status, ending.reason)
-            if isinstance(err, KeyboardInterrupt) and not isinstance(err, Interrupted):
-                raise
+            return not isinstance(final, KeyboardInterrupt) or isinstance(final, Interrupted)
 
     def _reason(self, err: BaseException) -> str | None:
         """An interrupt's reason says how to continue from the latest checkpoint."""
@@ -817,6 +821,20 @@ class Run:
         perf["final_eval_s"] = self.evaluator.seconds["final"]
         if self.checkpointer.seconds:
             perf["checkpoint_s"] = self.checkpointer.seconds
+
+
+class _Guard:
+    """``Run.guard``: no work unless the block raises (it is entered several times per
+    member and step)."""
+
+    def __init__(self, run: Run):
+        self.run = run
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: object, err: BaseException | None, tb: object) -> bool:
+        return err is not None and self.run.running and self.run._fail(err)
 
 
 def _policy(
