@@ -248,3 +248,22 @@ def test_cli_rejects_bad_config_before_any_run_exists(tmp_path: Path, args, mess
     assert proc.returncode != 0
     assert message in proc.stderr
     assert not (tmp_path / "mlruns" / "mlflow.db").exists()
+
+
+def test_validation_is_a_pure_function_of_the_config():
+    """config.validate imports neither torch nor gymnasium; the activation names it allows
+    are the ones the networks implement."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from workbench.config import Config, validate; validate(Config()); "
+        "print(sorted(m for m in ('torch', 'gymnasium') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+    from workbench.config import ACTIVATION_NAMES
+    from workbench.networks import ACTIVATIONS
+
+    assert set(ACTIVATIONS) == set(ACTIVATION_NAMES)

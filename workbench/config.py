@@ -30,6 +30,8 @@ VECTORIZATION = ("sync", "async")
 TRACKING_BACKENDS = ("mlflow", "none")
 REPLAY_STORAGE = ("device", "host")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# the activations networks.ACTIVATIONS implements (a test holds the two together)
+ACTIVATION_NAMES = ("relu", "tanh", "elu", "gelu", "silu", "leaky_relu")
 
 
 class ConfigError(ValueError):
@@ -232,7 +234,19 @@ def compose(overrides: Sequence[str] = (), *, validate_config: bool = True) -> C
     cfg = to_config(raw)
     if validate_config:
         validate(cfg)
+        check_env(cfg)
     return cfg
+
+
+def check_env(cfg: Config) -> None:
+    """Refuse an env id the Gymnasium registry (with PyBullet's ids) does not know, before
+    anything is made. The one config check that imports the registry (gymnasium, pybullet)."""
+    from workbench.envs import check_env_id
+
+    try:
+        check_env_id(cfg.env.id)
+    except ValueError as err:
+        raise ConfigError([f"env.id={cfg.env.id!r}: {err}"]) from None
 
 
 # ----------------------------------------------------------------------------- conversion
@@ -419,8 +433,9 @@ def _check_schedule(
         c.fail(f"{prefix}.end", end, f"a {kind} schedule needs an end value")
 
 
-def validate(cfg: Config, *, check_env: bool = True) -> None:
-    """Raise ConfigError listing every unusable value. Touches no tracker and no env state."""
+def validate(cfg: Config) -> None:
+    """Raise ConfigError listing every unusable value: a pure function of the config (no
+    env registry, no tracker, no torch; ``check_env`` asks the registry)."""
     c = _Checker()
     a, n, e = cfg.agent, cfg.noise, cfg.env
 
@@ -429,22 +444,13 @@ def validate(cfg: Config, *, check_env: bool = True) -> None:
     c.choice("env.vectorization", e.vectorization, VECTORIZATION)
     if e.max_episode_steps is not None:
         c.at_least("env.max_episode_steps", e.max_episode_steps, 1)
-    if check_env:
-        from workbench.envs import check_env_id
-
-        try:
-            check_env_id(e.id)
-        except ValueError as err:
-            c.fail("env.id", e.id, str(err))
 
     # agent
     for key in ("actor_hidden", "critic_hidden"):
         sizes = getattr(a, key)
         if not sizes or any(s < 1 for s in sizes):
             c.fail(f"agent.{key}", list(sizes), "must be a non-empty list of layer sizes >= 1")
-    from workbench.networks import ACTIVATIONS  # the one table of activations
-
-    c.choice("agent.activation", a.activation, tuple(ACTIVATIONS))
+    c.choice("agent.activation", a.activation, ACTIVATION_NAMES)
     c.positive("agent.actor_lr", a.actor_lr)
     c.positive("agent.critic_lr", a.critic_lr)
     c.non_negative("agent.critic_weight_decay", a.critic_weight_decay)

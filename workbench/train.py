@@ -43,7 +43,15 @@ from workbench.checkpoint import (
     prepare_resume,
     restore,
 )
-from workbench.config import Config, ConfigError, config_hash, flatten, to_dict, validate
+from workbench.config import (
+    Config,
+    ConfigError,
+    check_env,
+    config_hash,
+    flatten,
+    to_dict,
+    validate,
+)
 from workbench.ddpg import DDPG, Agent
 from workbench.display import ProgressDisplay
 from workbench.errors import DivergenceError, Interrupted
@@ -442,6 +450,7 @@ def _open(member: Member, *, alone: bool) -> _Opening:
     reopen) the tracker's run: everything that can fail on bad input comes first."""
     cfg, resume_state = member.cfg, member.resume_state
     validate(cfg)
+    check_env(cfg)
     device = resolve_device(cfg.device)
     if cfg.torch_threads is not None:
         torch.set_num_threads(cfg.torch_threads)

@@ -20,7 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=1,
         metavar="K",
         help="train up to K runs that differ only in per-member values (not in "
-        "population.SHAPE_KEYS) as one population; default 1: one run at a time",
+        "population.SHARED_KEYS) as one population; default 1: one run at a time",
     )
     p.add_argument(
         "--out", type=Path, default=None, help="report folder (default mlruns/ablations/<name>)"

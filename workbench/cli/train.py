@@ -26,7 +26,7 @@ def _train_task(raw: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from workbench.checkpoint import CheckpointError, prepare_resume
-    from workbench.config import ConfigError, to_config, validate
+    from workbench.config import ConfigError, check_env, to_config, validate
     from workbench.tracking import TrackingError
     from workbench.tracking.tags import OVERRIDES_TAG, SWEEP_JOB_TAG, SWEEP_TAG
     from workbench.train import Interrupted, train
@@ -36,6 +36,7 @@ def _train_task(raw: Any) -> None:
     try:
         cfg = to_config(raw)
         validate(cfg)
+        check_env(cfg)
         if cfg.resume is not None:
             cfg, state = prepare_resume(cfg, hc.overrides.task)
     except (ConfigError, CheckpointError) as err:

@@ -2,7 +2,7 @@
 
 Everything else hands a ``Tracker`` plain ``dict[str, float]`` at an env step.
 
-    store     where the store is, probes that fail fast, the store lock, ``_client``
+    store     where the store is, probes that fail fast, the store lock
     redact    credentials out of anything printed, logged or stored
     tags      every tag name, defined once; the git tags of a run
     status    run statuses, ``StopRun``, and ``ends_run``: end a run by how its block ended
@@ -20,15 +20,12 @@ from workbench.tracking.queries import (
     metric_history,
     search_runs,
 )
-from workbench.tracking.redact import _one_line, redact
-from workbench.tracking.status import STATUSES, Ending, StopRun, _check_status, ends_run
+from workbench.tracking.redact import redact
+from workbench.tracking.status import STATUSES, Ending, StopRun, ends_run
 from workbench.tracking.store import (
     LOCK_TIMEOUT_S,
     PROBE_TIMEOUT_S,
     TrackingError,
-    _client,
-    _sqlite_path,
-    _store_lock,
     driver_url,
     embedded_uri,
     probe_store,
@@ -84,11 +81,6 @@ __all__ = [
     "StopRun",
     "Tracker",
     "TrackingError",
-    "_check_status",
-    "_client",
-    "_one_line",
-    "_sqlite_path",
-    "_store_lock",
     "download_artifacts",
     "driver_url",
     "embedded_uri",
