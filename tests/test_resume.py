@@ -291,3 +291,27 @@ def test_cli_killed_run_resumes_with_one_command(tmp_path, sig):
     assert run.data.tags["workbench.overrides"].startswith("total_steps=6000")  # the original
     steps = {s for s, _ in metric_history(client.tracking_uri, run_id, "eval/return_mean")}
     assert steps == {1000, 2000, 3000, 4000, 5000, 6000}
+
+
+def test_ctrl_c_checkpoints_every_member_of_a_population_and_each_resumes(store):
+    """A population under Ctrl-C: each member writes its checkpoint at its episode boundary
+    and ends KILLED saying how to continue; resumed alone, each ends where its uninterrupted
+    run ends (to float rounding: a member equals its single run to rounding)."""
+    from workbench.train import Member, train_population
+
+    cfgs = [_cfg(store, f"seed={s}", "tracking.experiment=pop") for s in (0, 1)]
+    whole = [train(_cfg(store, f"seed={s}", "tracking.experiment=whole")) for s in (0, 1)]
+    members = [Member(cfgs[0], hooks=[_Signal(800)]), Member(cfgs[1])]
+    results = train_population(members, handle_signals=True)
+    for member, result in zip(members, results, strict=True):
+        assert result.status == "KILLED" and result.steps == 800
+        assert isinstance(member.error, Interrupted)
+        assert member.error.checkpoint.name == "step-000000000800.pt"
+        assert f"resume={result.run_id}" in result.reason
+    for s, result, alone in zip((0, 1), results, whole, strict=True):
+        resumed = train(
+            _cfg(store, f"seed={s}", "tracking.experiment=pop", f"resume={result.run_id}")
+        )
+        assert resumed.run_id == result.run_id and resumed.status == "FINISHED"
+        assert resumed.eval_steps == alone.eval_steps == [400, 800, 1200, 1600]
+        assert resumed.eval_returns == pytest.approx(alone.eval_returns, rel=1e-4)

@@ -15,7 +15,6 @@ Every MLflow run the loop reports to ends: FINISHED, FAILED with the reason, or 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import tempfile
@@ -259,7 +258,7 @@ def _train(
                 if not live:
                     break
                 _step(live, learner, replay)
-    except KeyboardInterrupt as err:
+    except BaseException as err:  # Ctrl-C, or an error of the population as a whole
         for run in runs:
             if run.running:
                 run.end_by(err)
@@ -345,8 +344,9 @@ class _Updates:
             indices = self.held or self._draw(learner.k, early)
             self.held = None
             if early and any(
-                i is not None and run.buffer.hits_pending(i, run.cfg.env.n_envs)
-                for run, i in ((run, indices[run.slot]) for run in self.runs)
+                (i := indices[run.slot]) is not None
+                and run.buffer.hits_pending(i, run.cfg.env.n_envs)
+                for run in self.runs
             ):
                 self.held = indices
                 return
@@ -768,7 +768,7 @@ class Run:
         goes on up once this one is ended."""
         return self._guard
 
-    def _fail(self, err: BaseException) -> bool:
+    def end_by(self, err: BaseException) -> bool:
         """End the run as ``err`` ends it; True when the loop goes on without it."""
         ending = Ending()
         try:
@@ -784,11 +784,6 @@ class Run:
         if not isinstance(err, KeyboardInterrupt):
             return None  # StopRun's own reason; "ExcType: message" for a failure
         return self.checkpointer.interrupted_reason(self.state.step, err)
-
-    def end_by(self, err: BaseException) -> None:
-        """End the run as ``err`` would have ended it inside ``guard``."""
-        with contextlib.suppress(KeyboardInterrupt), self.guard():
-            raise err
 
     def _end(self, status: str, reason: str | None) -> None:
         """End the run (the loop's own ending: finished)."""
@@ -843,7 +838,7 @@ class _Guard:
         return None
 
     def __exit__(self, kind: object, err: BaseException | None, tb: object) -> bool:
-        return err is not None and self.run.running and self.run._fail(err)
+        return err is not None and self.run.running and self.run.end_by(err)
 
 
 def _policy(
