@@ -93,7 +93,7 @@ class _Layer:
     eps: float = 1e-5
 
 
-@dataclass
+@dataclass(slots=True)
 class Cache:
     """What the backward pass needs of a forward pass, per layer."""
 
@@ -511,7 +511,6 @@ class DDPG:
 
     # ---------------------------------------------------------------------------- update
 
-    @torch.no_grad()
     def update(self, batch: Batch, active: Sequence[bool]) -> list[Metrics | None]:
         """One update of each member with ``active[k]`` on its rows of ``batch`` (K, B, ...):
         a critic step, and for the members whose policy delay is up an actor step and the
@@ -581,9 +580,12 @@ class DDPG:
         if noise is not None:
             next_actions = (next_actions + noise).clamp(-1.0, 1.0)
         x = self._for_each_critic(torch.cat([next_obs, next_actions], dim=-1))
-        qs = self.critic_target.forward(x)[0].view(self.k, self.n_critics, -1)
-        next_q = qs[:, 0] if self.n_critics == 1 else qs.amin(dim=1)
-        return rewards + self.gamma * (1.0 - terminated) * next_q
+        qs = self.critic_target.forward(x)[0]
+        if self.n_critics == 1:
+            next_q = qs.view(self.k, -1)
+        else:
+            next_q = qs.view(self.k, self.n_critics, -1).amin(dim=1)
+        return torch.addcmul(rewards, self.gamma * (1.0 - terminated), next_q)
 
     def _for_each_critic(self, x: torch.Tensor) -> torch.Tensor:
         """(K, B, in) -> (K * n_critics, B, in): every critic of a member sees its input."""
@@ -609,8 +611,7 @@ class DDPG:
         q = z.view(self.k, self.n_critics, -1)  # (K, n_critics, B)
         diff = q - target.unsqueeze(1)
         critic_loss = diff.square().mean(dim=2).sum(dim=1)
-        # d loss / d q, as autograd forms it: (1 / B) * (2 * diff)
-        grad_q = (diff * 2.0) * (1.0 / diff.shape[2])
+        grad_q = diff * (2.0 / diff.shape[2])  # d loss / d q
         self.critic.backward(grad_q.view(z.shape), cache, param_grads=True)
         return critic_loss, q.mean(dim=(1, 2))
 

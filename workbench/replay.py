@@ -28,8 +28,7 @@ next ``add`` will write (``hits_pending``), the batch is the one it would get af
 from __future__ import annotations
 
 import collections
-import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -133,8 +132,8 @@ class ReplayStorage:
         at = idx
         if len(slots) > 1:  # rows of the storage seen as one table
             at = idx + self._repeat([k * self.capacity for k in slots], idx)
-        take = functools.partial(self._take, slots)
-        next_obs = self._compact_next_obs(slots, idx, at) if self.compact else None
+        take = self._taker(slots)
+        next_obs = self._compact_next_obs(slots, idx, at, take) if self.compact else None
         batch = Batch(
             obs=take("obs", at),
             actions=take("actions", at),
@@ -147,13 +146,17 @@ class ReplayStorage:
             return batch
         return Batch(*(t.to(self.device) for t in vars(batch).values()))
 
-    def _take(self, slots: Sequence[int], name: str, at: torch.Tensor) -> torch.Tensor:
-        """Rows ``at`` of ``name``: of one buffer's row (indices into its capacity), or of
-        the storage seen as one table (indices into K * capacity); (len(slots), B, ...)."""
+    def _taker(self, slots: Sequence[int]) -> Callable[[str, torch.Tensor], torch.Tensor]:
+        """``take(name, at)``: rows ``at`` of ``name`` as (len(slots), B, ...): of one
+        buffer's row (indices into its capacity), or of the storage seen as one table
+        (indices into K * capacity)."""
         if len(slots) == 1:
-            return self._slot_rows[slots[0]][name].index_select(1, at)
-        t = self._tables[name]
-        return t.index_select(0, at).view(len(slots), -1, *t.shape[1:])
+            rows = self._slot_rows[slots[0]]
+            return lambda name, at: rows[name].index_select(1, at)
+        r = len(slots)
+        return lambda name, at: (
+            self._tables[name].index_select(0, at).view(r, -1, *self._tables[name].shape[1:])
+        )
 
     def _repeat(self, values: Sequence[int], idx: torch.Tensor) -> torch.Tensor:
         """``values``, each once per row of a member's batch in ``idx`` (made once)."""
@@ -163,27 +166,31 @@ class ReplayStorage:
         return self._repeats[key]
 
     def _compact_next_obs(
-        self, slots: Sequence[int], idx: torch.Tensor, at: torch.Tensor
+        self,
+        slots: Sequence[int],
+        idx: torch.Tensor,
+        at: torch.Tensor,
+        take: Callable[[str, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """The next observation of each row: the following row's observation, or where that
         is not it, the side store's; for the newest rows (no following row yet) what the
         buffer's last add reported. The buffers' side stores are read as one, end to end."""
         buffers: list[CompactReplayBuffer] = [self.buffers[k] for k in slots]  # type: ignore[misc]
-        r, b = len(slots), idx.numel() // len(slots)
-        n = buffers[0].n_rows
+        r, n = len(slots), buffers[0].n_rows
         if n is None:
             raise ValueError("cannot sample from an empty replay buffer")
         following = (idx + n) % self.capacity
         if r > 1:
             following += at - idx
-        stacked = self._take(slots, "obs", following)
+        stacked = take("obs", following)
         out = stacked.view(-1, self.obs_dim)  # the same memory: patched in place below
         sizes = [buf.final_obs.shape[0] for buf in buffers]
         kept = None
         if any(sizes):
-            kept = self._take(slots, "final_slot", at).view(-1)
+            kept = take("final_slot", at).view(-1)
             if r > 1:  # each buffer's slots, shifted to where its side store lies in the cat
                 start = torch.tensor([0, *sizes[:-1]], device=idx.device).cumsum(0)
+                b = idx.numel() // r
                 kept = torch.where(kept >= 0, kept + start.repeat_interleave(b), kept)
         if r == 1:
             aside, recent = buffers[0].final_obs, buffers[0].recent_next
@@ -193,7 +200,7 @@ class ReplayStorage:
             aside = torch.cat([x.final_obs for x in buffers])
             recent = torch.cat([x.recent_next for x in buffers])
             starts = torch.tensor([x.recent_start for x in buffers], device=idx.device)
-            j = (idx - starts.repeat_interleave(b)) % self.capacity
+            j = (idx - starts.repeat_interleave(idx.numel() // r)) % self.capacity
             # each buffer's newest rows lie at its place in the cat of their next observations
             newest_at = j.clamp(max=n - 1) + self._repeat([i * n for i in range(r)], idx)
         newest = j < n
@@ -210,7 +217,7 @@ class ReplayStorage:
             kept_obs = aside.index_select(0, kept.clamp(min=0))
             out = torch.where((kept >= 0).unsqueeze(-1), kept_obs, out)
         out = torch.where(newest.unsqueeze(-1), recent.index_select(0, newest_at), out)
-        return out.view(r, b, self.obs_dim)
+        return out.view(r, -1, self.obs_dim)
 
 
 def stand_ins(indices: Sequence[torch.Tensor | None]) -> list[tuple[int, torch.Tensor]]:

@@ -10,6 +10,7 @@ counters and history in ``runstate``, evaluation in ``evaluate``, checkpoints an
 interrupts in ``checkpoint``, exploration in ``exploration``, random streams in ``seeding``,
 what members must share in ``population``.
 """
+
 from __future__ import annotations
 
 import time
