@@ -433,6 +433,38 @@ def _check_schedule(
         c.fail(f"{prefix}.end", end, f"a {kind} schedule needs an end value")
 
 
+def _check_learns(c: _Checker, cfg: Config) -> None:
+    """Refuse a run that would end before its first update: it would train nothing, yet end
+    FINISHED like any other (``env=halfcheetah total_steps=3000``: learning starts at 10,000).
+
+    ``gradient_steps=0`` is left alone: it asks for no updates in so many words."""
+    a, total = cfg.agent, cfg.total_steps
+    if min(total, a.train_freq, a.gradient_steps, cfg.env.n_envs) < 1 or a.learning_starts < 0:
+        return  # already refused above, or no updates asked for
+    if a.learning_starts >= total:
+        c.fail(
+            "agent.learning_starts",
+            a.learning_starts,
+            f"must be < total_steps ({total}), or the run ends before learning starts and "
+            f"never updates; set agent.learning_starts={max(1, total // 10)} (say) "
+            f"or total_steps above {a.learning_starts}",
+        )
+        return
+    # Updates come every train_freq-th vector step once learning has started (Run.updates_due).
+    n = cfg.env.n_envs
+    vector_steps = -(-total // n)
+    last_update_step = vector_steps // a.train_freq * a.train_freq
+    if last_update_step < 1 or last_update_step * n < a.learning_starts:
+        c.fail(
+            "agent.train_freq",
+            a.train_freq,
+            f"no update would happen: no multiple of it among the {vector_steps} vector steps "
+            f"(total_steps={total} over env.n_envs={n}) falls at or after "
+            f"agent.learning_starts={a.learning_starts}; lower agent.train_freq or raise "
+            "total_steps",
+        )
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError listing every unusable value: a pure function of the config (no
     env registry, no tracker, no torch; ``check_env`` asks the registry)."""
@@ -508,6 +540,7 @@ def validate(cfg: Config) -> None:
     c.at_least("eval.episodes", cfg.eval.episodes, 1)
     c.at_least("eval.video_max_frames", cfg.eval.video_max_frames, 1)
     c.at_least("eval.video_fps", cfg.eval.video_fps, 1)
+    _check_learns(c, cfg)
 
     # tracking
     t = cfg.tracking
