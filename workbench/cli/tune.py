@@ -2,6 +2,7 @@
 
 workbench tune SPEC [--workers K] [--trials N] [--timeout S] [--storage URL]
                     [--tracking-uri URI] [--report] [--export [PATH]] [--recheck K]
+                    [--steps N] [key=value ...]   a quick look, a study of its own
 workbench study-report NAME|SPEC [--storage URL] [--dir mlruns] [--export [PATH]] [--recheck K]
 workbench tune-bench [...]          pruning and worker-scaling benchmark (JSON)
 """
@@ -103,6 +104,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a different range)",
     )
     p.add_argument("--report", action="store_true", help="only report; run no trials")
+    p.add_argument(
+        "--steps",
+        type=_positive(int, 1),
+        default=None,
+        metavar="N",
+        help="quick look: N env steps per trial run instead of the spec's steps; runs as a "
+        "study of its own, <name>-quick-N (with --report: report on that study)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="quick look: Hydra overrides appended to the spec's base (e.g. "
+        "agent.learning_starts=500); the study's name then carries a hash of them",
+    )
     _add_followups(p)
     p.set_defaults(handler=cmd_tune)
 
@@ -121,10 +137,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------- tune, study-report
 
 
-def _load(spec_path: Path, tracking_uri: str | None) -> Any:
+def _load(spec_path: Path, tracking_uri: str | None, quick: Any = None) -> Any:
     from workbench.tuning.spec import load_spec
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, quick)
+    if quick:
+        print(
+            f"quick look at {spec_path} as study {spec.name!r} (its own storage "
+            f"and experiment {spec.experiment_name!r}; the full study is not touched)",
+            file=sys.stderr,
+        )
     if tracking_uri:
         spec = dataclasses.replace(spec, tracking_uri=tracking_uri)
     return spec
@@ -160,11 +182,13 @@ def _preflight(spec: Any, spec_path: Path, storage: str | None) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from workbench.specfile import QuickLook
     from workbench.tracking import TrackingError
     from workbench.tuning.launch import run_study
     from workbench.tuning.objective import StudyError
 
-    spec = _load(args.spec, args.tracking_uri)
+    quick = QuickLook(steps=args.steps, overrides=tuple(args.overrides))
+    spec = _load(args.spec, args.tracking_uri, quick)
     if args.report:
         study, target = _existing(spec, args.storage)
         return _finish(study, spec, target, args, codes=[0])
