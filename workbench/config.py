@@ -224,13 +224,42 @@ def conf_dir() -> Path:
     raise FileNotFoundError("workbench config tree not found (set WORKBENCH_CONF)")
 
 
+def user_conf_dir() -> Path:
+    """Configs workbench writes for the user (presets exported from a study): outside any
+    source tree, so that writing one never marks later runs ``git.dirty``, and on Hydra's
+    search path after conf/ (``search_path_overrides``), so that ``+experiment=<name>`` finds
+    them. $WORKBENCH_USER_CONF, else $XDG_CONFIG_HOME/workbench/conf, else
+    ~/.config/workbench/conf."""
+    if env := os.environ.get("WORKBENCH_USER_CONF"):
+        return Path(env).expanduser().resolve()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base).expanduser().resolve() / "workbench" / "conf"
+
+
+def search_path_overrides(overrides: Sequence[str] = ()) -> list[str]:
+    """The Hydra override that adds ``user_conf_dir()`` to the config search path, when it
+    exists (Hydra warns of a missing one) and ``overrides`` set no search path of their own."""
+    folder = user_conf_dir()
+    if not folder.is_dir() or any(override_key(o) == "hydra.searchpath" for o in overrides):
+        return []
+    text = f"file://{folder}".replace("\\", "\\\\").replace("'", "\\'")
+    return [f"hydra.searchpath=['{text}']"]
+
+
+def preset_names() -> list[str]:
+    """The ``experiment`` presets Hydra can find: conf/'s and the user's."""
+    folders = (conf_dir() / "experiment", user_conf_dir() / "experiment")
+    return sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+
+
 def compose(overrides: Sequence[str] = (), *, validate_config: bool = True) -> Config:
     """Compose conf/ in-process with Hydra overrides (tests, study trials, ablations)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    overrides = [*search_path_overrides(overrides), *overrides]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        raw = hydra_compose(config_name="config", overrides=list(overrides))
+        raw = hydra_compose(config_name="config", overrides=overrides)
     cfg = to_config(raw)
     if validate_config:
         validate(cfg)

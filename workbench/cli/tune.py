@@ -42,7 +42,9 @@ def _add_followups(p: argparse.ArgumentParser) -> None:
         const="",
         default=None,
         metavar="PATH",
-        help="write the best trial as a preset (default conf/experiment/<study>_best.yaml)",
+        help="write the best trial as a preset (default: <study>_best.yaml in "
+        "~/.config/workbench/conf/experiment, or $WORKBENCH_USER_CONF/experiment: on "
+        "Hydra's search path, outside the source tree)",
     )
     p.add_argument(
         "--recheck",
@@ -311,10 +313,7 @@ def _finish(
     if args.export is not None and summary["best_trial"] is not None:
         path = export.export_best(study, spec, Path(args.export) if args.export else None)
         result["preset"] = str(path)
-        print(
-            f"best trial written to {path} (workbench train +experiment={path.stem})",
-            file=sys.stderr,
-        )
+        print(export.where_written(path), file=sys.stderr)
     if args.recheck:
         checked = export.recheck(
             study, spec, top_k=args.recheck, n_seeds=args.recheck_seeds, parent_run_id=parent_id

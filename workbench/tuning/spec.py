@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from workbench.config import Config, ConfigError, compose, conf_dir
+from workbench.config import Config, ConfigError, compose, conf_dir, preset_names
 from workbench.specfile import (
     Problems,
     QuickLook,
@@ -275,7 +275,7 @@ def _build(raw: dict[str, Any], text: str, c: Problems) -> StudySpec | None:
         c.unknown_keys(base, ("preset", "overrides"), "base.")
         preset = base.get("preset")
         if preset is not None:
-            presets = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+            presets = preset_names()  # conf/'s and the exported ones
             if preset not in presets:
                 c.fail("base.preset", preset, f"must be one of {', '.join(presets)}")
         ov = base.get("overrides") or []
