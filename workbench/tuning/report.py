@@ -212,9 +212,9 @@ def print_report(
         best.add_column("importance", justify="right")
     for k, v in s["best_params"].items():
         best.add_row(k, _fmt(v), *([_fmt(s["importances"].get(k))] if s["importances"] else []))
-    if s["importances_note"]:
-        best.caption = s["importances_note"]
     console.print(best)
+    if s["importances_note"]:  # a line of its own: a caption would wrap to the table's width
+        console.print(s["importances_note"], soft_wrap=True)
     maximize = spec.objective.direction == "maximize"
     ranked = sorted(
         rows(study),
