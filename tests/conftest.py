@@ -6,6 +6,20 @@ os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _user_conf(tmp_path_factory):
+    """Exported presets go to the user's config folder (on Hydra's search path): one of the
+    session's own, so that a test neither writes to nor composes from the real one."""
+    folder = tmp_path_factory.mktemp("user-conf")
+    before = os.environ.get("WORKBENCH_USER_CONF")
+    os.environ["WORKBENCH_USER_CONF"] = str(folder)
+    yield folder
+    if before is None:
+        os.environ.pop("WORKBENCH_USER_CONF", None)
+    else:
+        os.environ["WORKBENCH_USER_CONF"] = before
+
+
 @pytest.fixture
 def store(tmp_path):
     """An empty embedded MLflow store for one test: (tracking.dir override, sqlite uri)."""

@@ -67,7 +67,8 @@ def _argv(tmp_path: Path, command: str, payload) -> list[str]:
     assert command == "ablate"
     path = tmp_path / "ablation.yaml"
     path.write_text(
-        "name: bad\nbaseline: a\nseeds: 1\nsteps: 100\nvariants:\n"
+        "name: bad\nbaseline: a\nseeds: 1\nsteps: 100\n"
+        "base: [agent.learning_starts=50]\nvariants:\n"
         + textwrap.indent(textwrap.dedent(payload).strip(), "  ")
         + "\n"
     )
@@ -369,7 +370,7 @@ def test_malformed_study_specs(cli, tmp_path, command, payload, code, fragments)
 @pytest.mark.parametrize(
     ("command", "payload", "code", "fragments"),
     _cases(
-        ("ablate", "a: []\nb: []\na: [agent=td3]", 2, ["duplicate key 'a' (line 8)"]),
+        ("ablate", "a: []\nb: []\na: [agent=td3]", 2, ["duplicate key 'a' (line 9)"]),
         (
             "ablate",
             "a: []\nb: [+experiment=nope]",
@@ -400,7 +401,8 @@ def test_ablation_specs(cli, tmp_path, command, payload, code, fragments):
 def _ablation_tracked_at(tmp_path: Path, uri: str) -> list[str]:
     path = tmp_path / "ablation.yaml"
     path.write_text(
-        f"name: x\nbaseline: a\nseeds: 1\nsteps: 100\nvariants: {{a: [], b: []}}\n"
+        f"name: x\nbaseline: a\nseeds: 1\nsteps: 100\nbase: [agent.learning_starts=50]\n"
+        f"variants: {{a: [], b: []}}\n"
         f"tracking: {{uri: '{uri}'}}\n"
     )
     return ["ablate", str(path)]

@@ -3,7 +3,6 @@
 import csv
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -188,16 +187,19 @@ def test_two_workers_share_a_study_resume_adds_trials_and_the_preset_reproduces(
     read_png(report / "optimization_history.png", (1000, 600))  # widened to 10 x 6 inches
     capsys.readouterr()
 
-    # export through study-report, into a copy of the config tree, and compose it back
-    conf = tmp_path / "conf"
-    shutil.copytree(conf_dir(), conf)
-    monkeypatch.setenv("WORKBENCH_CONF", str(conf))
+    # export through study-report into the user's config folder (not conf/: the source
+    # tree stays clean), and compose it back from there
+    user_conf = tmp_path / "user-conf"
+    monkeypatch.setenv("WORKBENCH_USER_CONF", str(user_conf))
+    before = sorted(p.name for p in (conf_dir() / "experiment").iterdir())
     code = main(["study-report", "tiny", "--dir", str(tmp_path / "mlruns"), "--export"])
     assert code == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "best trial written to" in err and "+experiment=tiny_best" in err
     assert "best: trial" in out and "top 4 trials" in out
-    preset = conf / "experiment" / "tiny_best.yaml"
+    preset = user_conf / "experiment" / "tiny_best.yaml"
     assert preset.is_file()
+    assert sorted(p.name for p in (conf_dir() / "experiment").iterdir()) == before
     want = compose(trial_overrides(spec, best_trial))
     got = compose(["+experiment=tiny_best"])
     for section in ("env", "agent", "noise", "schedule", "epsilon", "eval"):

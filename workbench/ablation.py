@@ -33,7 +33,16 @@ from workbench.checkpoint import CheckpointError, prepare_resume
 from workbench.config import ConfigError, TrackingConfig, compose, config_hash
 from workbench.errors import Interrupted
 from workbench.population import shared_values
-from workbench.specfile import Problems, compose_error_text, parse_yaml, read_spec_text
+from workbench.specfile import (
+    Problems,
+    QuickLook,
+    check_name,
+    check_str,
+    compose_error_text,
+    is_int,
+    parse_yaml,
+    read_spec_text,
+)
 from workbench.tracking import (
     ParentRun,
     RunRecord,
@@ -100,21 +109,27 @@ class AblationSpec:
 
 
 def _str_list(value: Any, where: str, c: Problems) -> list[str]:
+    """Hydra overrides: a list of strings, or one string of them separated by spaces."""
     if value is None:
         return []
     if isinstance(value, str):
         return value.split()
-    if isinstance(value, list) and all(isinstance(v, str | int | float | bool) for v in value):
-        return [str(v) for v in value]
-    c.fail(where, value, "must be a list of Hydra overrides (strings)")
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    c.fail(where, value, "must be a list of Hydra overrides (strings like 'agent.tau=0.01')")
     return []
 
 
-def load_spec(path: str | Path) -> AblationSpec:
+def load_spec(path: str | Path, quick: QuickLook | None = None) -> AblationSpec:
     """Read and validate a spec; every variant x seed config is composed and validated here,
-    so a typo fails in seconds, before any run exists. Every problem is reported at once."""
+    so a typo fails in seconds, before any run exists. Every problem is reported at once.
+
+    ``quick``: a quick look at the spec (``QuickLook``): its own name and experiment, the
+    steps and seeds given, its overrides appended to the base."""
     path = Path(path)
     source = f"ablation spec {path}"
+    if quick:
+        source += f" (quick look: {quick.describe()})"
     data = parse_yaml(read_spec_text(path, source), source)
     c = Problems()
     c.unknown_keys(data, sorted(_SPEC_KEYS))
@@ -123,35 +138,46 @@ def load_spec(path: str | Path) -> AblationSpec:
             c.fail(key, None, "missing required key")
     c.check(source)
     name = data["name"]
-    if not isinstance(name, str) or not name.strip() or "/" in name:
-        c.fail("name", name, "must be a non-empty string without '/'")
+    check_name(c, "name", name)
+    description = data.get("description", "")
+    if description is not None:
+        check_str(c, "description", description, empty=True)
     variants_raw = data["variants"]
     variants: dict[str, list[str]] = {}
     if not isinstance(variants_raw, dict) or len(variants_raw) < 2:
         c.fail("variants", variants_raw, "must map at least two variant names to overrides")
     else:
-        variants = {str(k): _str_list(v, f"variants.{k}", c) for k, v in variants_raw.items()}
-    baseline = str(data["baseline"])
-    if variants and baseline not in variants:
+        for key, value in variants_raw.items():
+            # a variant's name names its runs (<variant>-s<seed>) and rows of the report
+            key = _as_name(key)
+            if check_name(c, f"variants.{key}", key):
+                variants[key] = _str_list(value, f"variants.{key}", c)
+    baseline = _as_name(data["baseline"])
+    if not isinstance(baseline, str):
+        c.fail("baseline", baseline, "must be the name of one of the variants")
+    elif variants and baseline not in variants:
         c.fail("baseline", baseline, f"must be one of the variants ({', '.join(variants)})")
-    seeds_raw, seeds = data["seeds"], []
-    if isinstance(seeds_raw, int) and not isinstance(seeds_raw, bool) and seeds_raw >= 1:
-        seeds = list(range(seeds_raw))
-    elif isinstance(seeds_raw, list) and seeds_raw and all(isinstance(s, int) for s in seeds_raw):
-        seeds = [int(s) for s in seeds_raw]
-        if len(set(seeds)) != len(seeds) or min(seeds) < 0:
-            c.fail("seeds", seeds_raw, "must be distinct integers >= 0")
-    else:
-        c.fail("seeds", seeds_raw, "must be a count >= 1 or a list of ints")
+    seeds = _seeds(data["seeds"], "seeds", c)
     steps = data.get("steps")
-    if steps is not None and (not isinstance(steps, int) or steps < 1):
-        c.fail("steps", steps, "must be an integer >= 1")
+    if steps is not None and (not is_int(steps) or steps < 1):
+        c.fail("steps", steps, "must be an integer >= 1 (env steps per run)")
     tracking = data.get("tracking") or {}
     if not isinstance(tracking, dict):
         c.fail("tracking", tracking, "must be a mapping (experiment, uri, dir)")
         tracking = {}
     c.unknown_keys(tracking, sorted(_TRACKING_KEYS), "tracking.")
+    for key in sorted(_TRACKING_KEYS):
+        if tracking.get(key) is not None:
+            check_str(c, f"tracking.{key}", tracking[key])
     base = _str_list(data.get("base"), "base", c)
+    c.check(source)
+    experiment = tracking.get("experiment") or f"ablation-{name}"
+    if quick:
+        name, experiment = quick.name(name), f"{experiment}-quick"
+        check_name(c, "name", name)  # still a name when it carries the quick look's suffix
+        steps = quick.steps or steps
+        seeds = list(quick.seeds) if quick.seeds is not None else seeds
+        base = [*base, *quick.overrides]
     c.check(source)
     spec = AblationSpec(
         name=name,
@@ -160,26 +186,53 @@ def load_spec(path: str | Path) -> AblationSpec:
         variants=variants,
         seeds=seeds,
         steps=steps,
-        description=str(data.get("description", "")),
-        experiment=str(tracking.get("experiment") or f"ablation-{name}"),
+        description=description or "",
+        experiment=experiment,
         tracking_uri=tracking.get("uri"),
-        tracking_dir=str(tracking.get("dir") or "mlruns"),
+        tracking_dir=tracking.get("dir") or "mlruns",
         path=path,
     )
+    by_problem: dict[str, list[str]] = {}  # a problem of the base is every variant's
     for variant in spec.variants:
         try:
             compose(spec.overrides(variant, spec.seeds[0]))
         except ConfigError as err:
             for problem in err.problems:
-                c.problems.append(f"variant {variant!r}: {problem}")
+                by_problem.setdefault(problem, []).append(variant)
         except Exception as err:  # Hydra: unknown group option, bad override syntax, ...
             c.fail(
                 f"variants.{variant}",
                 spec.variants[variant],
                 f"variant {variant!r}: overrides do not compose: {compose_error_text(err)}",
             )
+    for problem, names in by_problem.items():
+        if len(names) == len(spec.variants) > 1:
+            c.problems.append(f"every variant: {problem}")
+        else:
+            c.problems.append(
+                f"variant{'s' * (len(names) > 1)} {', '.join(map(repr, names))}: {problem}"
+            )
     c.check(source)
     return spec
+
+
+def _as_name(key: Any) -> Any:
+    """A number written as a name (``1:``, ``baseline: 0.5``) is that name's text: the YAML
+    loader already refused two keys that become the same text."""
+    return str(key) if isinstance(key, int | float) and not isinstance(key, bool) else key
+
+
+def _seeds(value: Any, key: str, c: Problems) -> list[int]:
+    """A count (seeds 0..n-1) or a list of distinct seeds >= 0."""
+    if is_int(value) and value >= 1:
+        return list(range(value))
+    if not isinstance(value, list) or not value or not all(is_int(s) for s in value):
+        c.fail(key, value, "must be a count >= 1 or a list of ints")
+    elif len(set(value)) != len(value) or min(value) < 0:
+        c.fail(key, value, "must be distinct integers >= 0")
+    else:
+        return list(value)
+    return []
 
 
 # ----------------------------------------------------------------------------- running

@@ -224,13 +224,42 @@ def conf_dir() -> Path:
     raise FileNotFoundError("workbench config tree not found (set WORKBENCH_CONF)")
 
 
+def user_conf_dir() -> Path:
+    """Configs workbench writes for the user (presets exported from a study): outside any
+    source tree, so that writing one never marks later runs ``git.dirty``, and on Hydra's
+    search path after conf/ (``search_path_overrides``), so that ``+experiment=<name>`` finds
+    them. $WORKBENCH_USER_CONF, else $XDG_CONFIG_HOME/workbench/conf, else
+    ~/.config/workbench/conf."""
+    if env := os.environ.get("WORKBENCH_USER_CONF"):
+        return Path(env).expanduser().resolve()
+    base = os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config"
+    return Path(base).expanduser().resolve() / "workbench" / "conf"
+
+
+def search_path_overrides(overrides: Sequence[str] = ()) -> list[str]:
+    """The Hydra override that adds ``user_conf_dir()`` to the config search path, when it
+    exists (Hydra warns of a missing one) and ``overrides`` set no search path of their own."""
+    folder = user_conf_dir()
+    if not folder.is_dir() or any(override_key(o) == "hydra.searchpath" for o in overrides):
+        return []
+    text = f"file://{folder}".replace("\\", "\\\\").replace("'", "\\'")
+    return [f"hydra.searchpath=['{text}']"]
+
+
+def preset_names() -> list[str]:
+    """The ``experiment`` presets Hydra can find: conf/'s and the user's."""
+    folders = (conf_dir() / "experiment", user_conf_dir() / "experiment")
+    return sorted({p.stem for folder in folders for p in folder.glob("*.yaml")})
+
+
 def compose(overrides: Sequence[str] = (), *, validate_config: bool = True) -> Config:
     """Compose conf/ in-process with Hydra overrides (tests, study trials, ablations)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    overrides = [*search_path_overrides(overrides), *overrides]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        raw = hydra_compose(config_name="config", overrides=list(overrides))
+        raw = hydra_compose(config_name="config", overrides=overrides)
     cfg = to_config(raw)
     if validate_config:
         validate(cfg)
@@ -433,6 +462,38 @@ def _check_schedule(
         c.fail(f"{prefix}.end", end, f"a {kind} schedule needs an end value")
 
 
+def _check_learns(c: _Checker, cfg: Config) -> None:
+    """Refuse a run that would end before its first update: it would train nothing, yet end
+    FINISHED like any other (``env=halfcheetah total_steps=3000``: learning starts at 10,000).
+
+    ``gradient_steps=0`` is left alone: it asks for no updates in so many words."""
+    a, total = cfg.agent, cfg.total_steps
+    if min(total, a.train_freq, a.gradient_steps, cfg.env.n_envs) < 1 or a.learning_starts < 0:
+        return  # already refused above, or no updates asked for
+    if a.learning_starts >= total:
+        c.fail(
+            "agent.learning_starts",
+            a.learning_starts,
+            f"must be < total_steps ({total}), or the run ends before learning starts and "
+            f"never updates; set agent.learning_starts={max(1, total // 10)} (say) "
+            f"or total_steps above {a.learning_starts}",
+        )
+        return
+    # Updates come every train_freq-th vector step once learning has started (Run.updates_due).
+    n = cfg.env.n_envs
+    vector_steps = -(-total // n)
+    last_update_step = vector_steps // a.train_freq * a.train_freq
+    if last_update_step < 1 or last_update_step * n < a.learning_starts:
+        c.fail(
+            "agent.train_freq",
+            a.train_freq,
+            f"no update would happen: no multiple of it among the {vector_steps} vector steps "
+            f"(total_steps={total} over env.n_envs={n}) falls at or after "
+            f"agent.learning_starts={a.learning_starts}; lower agent.train_freq or raise "
+            "total_steps",
+        )
+
+
 def validate(cfg: Config) -> None:
     """Raise ConfigError listing every unusable value: a pure function of the config (no
     env registry, no tracker, no torch; ``check_env`` asks the registry)."""
@@ -508,6 +569,7 @@ def validate(cfg: Config) -> None:
     c.at_least("eval.episodes", cfg.eval.episodes, 1)
     c.at_least("eval.video_max_frames", cfg.eval.video_max_frames, 1)
     c.at_least("eval.video_fps", cfg.eval.video_fps, 1)
+    _check_learns(c, cfg)
 
     # tracking
     t = cfg.tracking

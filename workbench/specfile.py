@@ -8,8 +8,10 @@ once in one ``SpecError``.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -59,12 +61,24 @@ class _DuplicateKey(Exception):
 
 
 def _mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    seen: set[Any] = set()
+    # Keys are compared as the text they become (variant names, parameter names): ``1`` and
+    # ``'1'`` are two keys to YAML but one name to us, so the second would silently win.
+    seen: dict[str, Any] = {}
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)
-        if key in seen:
-            raise _DuplicateKey(f"duplicate key {key!r} (line {key_node.start_mark.line + 1})")
-        seen.add(key)
+        line = key_node.start_mark.line + 1
+        name = str(key)
+        if name in seen:
+            first = seen[name]
+            if first == key and type(first) is type(key):
+                raise _DuplicateKey(f"duplicate key {key!r} (line {line})")
+            raise _DuplicateKey(
+                f"keys {first!r} and {key!r} (line {line}) collide: both name {name!r}"
+            )
+        if any(k == key for k in seen.values()):  # 1 and 1.0, true and 1: equal to Python
+            first = next(k for k in seen.values() if k == key)
+            raise _DuplicateKey(f"keys {first!r} and {key!r} (line {line}) collide")
+        seen[name] = key
     return loader.construct_mapping(node, deep=deep)
 
 
@@ -88,7 +102,87 @@ def read_spec_text(path: str | Path, source: str) -> str:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{path}: no such spec file", source)
-    return path.read_text()
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise SpecError(
+            f"{path}: not UTF-8 text (byte 0x{data[err.start]:02x} on line {line}); "
+            "save it as UTF-8",
+            source,
+        ) from None
+
+
+# What a study, trial or ablation name may be: it names files and folders (optuna/<name>.db,
+# ablations/<name>/, <name>_best.yaml) and MLflow experiments, so nothing path-like ('..',
+# '/', a leading '.' or '-') and nothing a shell or a URL would need quoted.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+NAME_MAX = 100
+
+
+def check_name(c: Problems, key: str, value: Any) -> bool:
+    """Is ``value`` a safe name? Records a problem under ``key`` if not."""
+    if isinstance(value, str) and NAME_PATTERN.match(value) and len(value) <= NAME_MAX:
+        return True
+    c.fail(
+        key,
+        value,
+        f"must be a name of letters, digits, _ . - starting with a letter or digit, at most "
+        f"{NAME_MAX} characters (it names files and MLflow experiments)",
+    )
+    return False
+
+
+def is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def is_number(x: Any) -> bool:
+    import math
+
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_str(c: Problems, key: str, value: Any, *, empty: bool = False) -> bool:
+    """Is ``value`` a string (non-empty unless ``empty``)? Records a problem if not."""
+    if isinstance(value, str) and (empty or value.strip()):
+        return True
+    c.fail(key, value, "must be a string" if empty else "must be a non-empty string")
+    return False
+
+
+@dataclass(frozen=True)
+class QuickLook:
+    """A quick trial of a spec without copying it: fewer steps (and seeds), extra overrides
+    of its base config. It runs under a name of its own (``<name>-quick-<steps>[-<hash>]``,
+    in an experiment ``<experiment>-quick``), so it never mixes into the full study's
+    storage or the full ablation's runs and report."""
+
+    steps: int | None = None
+    seeds: tuple[int, ...] | None = None
+    overrides: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return self.steps is not None or self.seeds is not None or bool(self.overrides)
+
+    def name(self, name: str) -> str:
+        """The quick look's own name. Steps and overrides are in it (they change what a run
+        learns); seeds are not, so a quick look with more seeds reuses the runs it has."""
+        out = f"{name}-quick"
+        if self.steps is not None:
+            out += f"-{self.steps}"
+        if self.overrides:
+            digest = hashlib.sha256("\n".join(self.overrides).encode()).hexdigest()[:6]
+            out += f"-{digest}"
+        return out
+
+    def describe(self) -> str:
+        parts = [f"--steps {self.steps}"] if self.steps is not None else []
+        if self.seeds is not None:
+            parts.append(f"--seeds {','.join(map(str, self.seeds))}")
+        parts.extend(self.overrides)
+        return " ".join(parts)
 
 
 # Lines of Hydra/OmegaConf errors that say nothing to the user of a spec file (or mislead:

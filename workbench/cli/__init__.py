@@ -28,6 +28,7 @@ from typing import Any
 
 from workbench.cli import ablate, bench, compare, learning_check, train, tune, ui
 from workbench.cli import eval as eval_command
+from workbench.cli.args import SubcommandParser
 from workbench.logs import setup_logging
 
 __all__ = ["build_parser", "main"]
@@ -39,7 +40,7 @@ def _raise_interrupt(signum: int, _frame: Any) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     train.register(sub)
     eval_command.register(sub)
     ui.register(sub)

@@ -26,24 +26,74 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=None, help="report folder (default mlruns/ablations/<name>)"
     )
     p.add_argument("--report-only", action="store_true", help="report on finished runs only")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="quick look: N env steps per run instead of the spec's; runs as an ablation "
+        "of its own, <name>-quick-N, apart from the full one's runs and report",
+    )
+    p.add_argument(
+        "--seeds",
+        default=None,
+        metavar="S",
+        help="quick look: S seeds (0..S-1), or a comma-separated list of seeds",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="quick look: Hydra overrides appended to the spec's base (e.g. "
+        "agent.learning_starts=500); the name then carries a hash of them",
+    )
     p.set_defaults(handler=cmd_ablate)
+
+
+def _at_least_one(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ValueError(f"{flag}={value}: must be >= 1")
+
+
+def _seeds(text: str | None) -> tuple[int, ...] | None:
+    """``--seeds 3``: seeds 0, 1, 2; ``--seeds 0,5``: those seeds."""
+    if text is None:
+        return None
+    allowed = "must be a count >= 1 or a comma-separated list of distinct seeds >= 0"
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--seeds={text!r}: {allowed}") from None
+    if "," not in text:
+        if values[0] < 1:
+            raise ValueError(f"--seeds={text!r}: {allowed}")
+        return tuple(range(values[0]))
+    if min(values) < 0 or len(set(values)) != len(values):
+        raise ValueError(f"--seeds={text!r}: {allowed}")
+    return tuple(values)
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from workbench import ablation
-    from workbench.specfile import SpecError
+    from workbench.specfile import QuickLook, SpecError
     from workbench.tracking import TrackingError
 
-    if args.population < 1:
-        print(f"workbench: --population={args.population}: must be >= 1", file=sys.stderr)
-        return 2
+    for flag in ("workers", "population", "steps"):
+        _at_least_one(f"--{flag}", getattr(args, flag))
+    quick = QuickLook(steps=args.steps, seeds=_seeds(args.seeds), overrides=tuple(args.overrides))
     try:
-        spec = ablation.load_spec(args.spec)
+        spec = ablation.load_spec(args.spec, quick)
     except SpecError as err:
         print(f"workbench: {err}", file=sys.stderr)
         return 2
+    if quick:
+        print(
+            f"quick look at {args.spec} as ablation {spec.name!r} (experiment "
+            f"{spec.experiment!r}; the full ablation's runs and report are not touched)",
+            file=sys.stderr,
+        )
     try:
         result = ablation.run_ablation(
             spec,

@@ -95,7 +95,7 @@ def _compose_problem(argv: Sequence[str]) -> str | None:
 def cmd_train(argv: Sequence[str]) -> int:
     import hydra
 
-    from workbench.config import conf_dir
+    from workbench.config import conf_dir, search_path_overrides
 
     if problem := _compose_problem(argv):
         print(f"workbench: {problem}", file=sys.stderr)
@@ -104,6 +104,9 @@ def cmd_train(argv: Sequence[str]) -> int:
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(
         _train_task
     )
-    sys.argv = ["workbench train", *argv]
+    # Exported presets live outside the source tree, in a folder Hydra must be told of. The
+    # override goes next to the user's first one: Hydra's parser takes one run of overrides.
+    at = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), 0)
+    sys.argv = ["workbench train", *argv[:at], *search_path_overrides(argv), *argv[at:]]
     main()
     return 0

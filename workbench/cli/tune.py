@@ -2,6 +2,7 @@
 
 workbench tune SPEC [--workers K] [--trials N] [--timeout S] [--storage URL]
                     [--tracking-uri URI] [--report] [--export [PATH]] [--recheck K]
+                    [--steps N] [key=value ...]   a quick look, a study of its own
 workbench study-report NAME|SPEC [--storage URL] [--dir mlruns] [--export [PATH]] [--recheck K]
 workbench tune-bench [...]          pruning and worker-scaling benchmark (JSON)
 """
@@ -41,7 +42,9 @@ def _add_followups(p: argparse.ArgumentParser) -> None:
         const="",
         default=None,
         metavar="PATH",
-        help="write the best trial as a preset (default conf/experiment/<study>_best.yaml)",
+        help="write the best trial as a preset (default: <study>_best.yaml in "
+        "~/.config/workbench/conf/experiment, or $WORKBENCH_USER_CONF/experiment: on "
+        "Hydra's search path, outside the source tree)",
     )
     p.add_argument(
         "--recheck",
@@ -103,6 +106,21 @@ def register(sub: argparse._SubParsersAction) -> None:
         "a different range)",
     )
     p.add_argument("--report", action="store_true", help="only report; run no trials")
+    p.add_argument(
+        "--steps",
+        type=_positive(int, 1),
+        default=None,
+        metavar="N",
+        help="quick look: N env steps per trial run instead of the spec's steps; runs as a "
+        "study of its own, <name>-quick-N (with --report: report on that study)",
+    )
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="key=value",
+        help="quick look: Hydra overrides appended to the spec's base (e.g. "
+        "agent.learning_starts=500); the study's name then carries a hash of them",
+    )
     _add_followups(p)
     p.set_defaults(handler=cmd_tune)
 
@@ -121,10 +139,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 # ---------------------------------------------------------------------- tune, study-report
 
 
-def _load(spec_path: Path, tracking_uri: str | None) -> Any:
+def _load(spec_path: Path, tracking_uri: str | None, quick: Any = None) -> Any:
     from workbench.tuning.spec import load_spec
 
-    spec = load_spec(spec_path)
+    spec = load_spec(spec_path, quick)
+    if quick:
+        print(
+            f"quick look at {spec_path} as study {spec.name!r} (its own storage "
+            f"and experiment {spec.experiment_name!r}; the full study is not touched)",
+            file=sys.stderr,
+        )
     if tracking_uri:
         spec = dataclasses.replace(spec, tracking_uri=tracking_uri)
     return spec
@@ -160,11 +184,13 @@ def _preflight(spec: Any, spec_path: Path, storage: str | None) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
+    from workbench.specfile import QuickLook
     from workbench.tracking import TrackingError
     from workbench.tuning.launch import run_study
     from workbench.tuning.objective import StudyError
 
-    spec = _load(args.spec, args.tracking_uri)
+    quick = QuickLook(steps=args.steps, overrides=tuple(args.overrides))
+    spec = _load(args.spec, args.tracking_uri, quick)
     if args.report:
         study, target = _existing(spec, args.storage)
         return _finish(study, spec, target, args, codes=[0])
@@ -287,10 +313,7 @@ def _finish(
     if args.export is not None and summary["best_trial"] is not None:
         path = export.export_best(study, spec, Path(args.export) if args.export else None)
         result["preset"] = str(path)
-        print(
-            f"best trial written to {path} (workbench train +experiment={path.stem})",
-            file=sys.stderr,
-        )
+        print(export.where_written(path), file=sys.stderr)
     if args.recheck:
         checked = export.recheck(
             study, spec, top_k=args.recheck, n_seeds=args.recheck_seeds, parent_run_id=parent_id

@@ -7,6 +7,9 @@ left out (where to log is the user's business); the seed is the trial's first se
 
 The winner of a noisy search is biased upward (it won partly by luck); re-running the top k
 on seeds the search never saw gives an honest estimate to put beside the search score.
+
+Presets are written to the user's config folder (``config.user_conf_dir``, on Hydra's search
+path), not into conf/: a new file in the checkout would mark every later run ``git.dirty``.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ import optuna
 import yaml
 from omegaconf import OmegaConf
 
-from workbench.config import Config, compose, conf_dir, to_dict
+from workbench.config import (
+    Config,
+    compose,
+    conf_dir,
+    search_path_overrides,
+    to_dict,
+    user_conf_dir,
+)
 from workbench.tracking import make_tracker
 from workbench.train import train
 from workbench.tuning import run_tree as runs
@@ -40,10 +50,9 @@ def compose_with_choices(overrides: Sequence[str]) -> tuple[Config, dict[str, st
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
+    overrides = [*search_path_overrides(overrides), *overrides]
     with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-        raw = hydra_compose(
-            config_name="config", overrides=list(overrides), return_hydra_config=True
-        )
+        raw = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     choices = OmegaConf.to_container(raw.hydra.runtime.choices, resolve=True)
     assert isinstance(choices, dict)
     return compose(overrides), {str(k): str(v) for k, v in choices.items() if v is not None}
@@ -59,13 +68,18 @@ def preset_tree(cfg: Config) -> dict[str, Any]:
     return {k: v for k, v in to_dict(cfg).items() if k not in PRESET_EXCLUDED}
 
 
+def default_preset_path(spec: StudySpec) -> Path:
+    return user_conf_dir() / "experiment" / f"{spec.name}_best.yaml"
+
+
 def export_best(study: optuna.Study, spec: StudySpec, out: Path | None = None) -> Path:
-    """Write ``conf/experiment/<study>_best.yaml`` (or ``out``); usable as +experiment=..."""
+    """Write ``<user conf>/experiment/<study>_best.yaml`` (or ``out``); usable as
+    ``+experiment=<study>_best``."""
     best = best_trial(study)
     if best is None:
         raise ValueError(f"study {spec.name!r} has no completed trial to export")
     cfg, choices = compose_with_choices(trial_overrides(spec, best))
-    path = Path(out) if out is not None else conf_dir() / "experiment" / f"{spec.name}_best.yaml"
+    path = Path(out) if out is not None else default_preset_path(spec)
     header = [
         "# @package _global_",
         f"# Best trial of study {spec.name!r}: trial {best.number}, value {best.value:.4f}",
@@ -80,6 +94,51 @@ def export_best(study: optuna.Study, spec: StudySpec, out: Path | None = None) -
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(header) + "\n" + body)
     return path
+
+
+def where_written(path: Path) -> str:
+    """One line on where a preset went and how to use it, plainly: whether Hydra finds it as
+    ``+experiment=<name>``, and whether it sits in the source tree (then later runs are
+    tagged git.dirty until it is committed or removed)."""
+    path = path.resolve()
+    found = path.parent in (conf_dir() / "experiment", user_conf_dir() / "experiment")
+    if found:
+        text = f"best trial written to {path} (workbench train +experiment={path.stem})"
+    else:
+        text = (
+            f"best trial written to {path}; Hydra finds presets only in "
+            f"{user_conf_dir() / 'experiment'} or {conf_dir() / 'experiment'}: move it there "
+            f"to use it as +experiment={path.stem}"
+        )
+    if _in_source_tree(path):
+        text += (
+            "; it is inside the source tree, so later runs are tagged git.dirty until it is "
+            "committed or removed"
+        )
+    return text
+
+
+def _in_source_tree(path: Path) -> bool:
+    """Whether ``path`` lies in the checkout the code runs from and git does not ignore it."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[2]
+    try:
+        path.relative_to(root)
+        top = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "--show-toplevel"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+        if top.returncode != 0:
+            return False
+        ignored = subprocess.run(
+            ["git", "-C", str(root), "check-ignore", "-q", str(path)], timeout=10
+        )
+    except (ValueError, OSError, subprocess.SubprocessError):
+        return False
+    return ignored.returncode == 1  # 0: ignored, 1: not ignored
 
 
 def recheck(

@@ -35,11 +35,15 @@ def default_dir(spec: StudySpec, target: Any) -> Path:
     return Path(target.tracking_dir).expanduser().resolve() / "optuna" / f"{spec.name}-report"
 
 
+# Fewer completed trials than this give no parameter importances (nothing to rank against).
+MIN_TRIALS_FOR_IMPORTANCE = 3
+
+
 def importances(study: optuna.Study) -> dict[str, float]:
     """Parameter importances (Optuna's default evaluator); {} when there is too little data.
     Conditional parameters are judged over the trials where they were active."""
     done = completed(study)
-    if len(done) < 3:
+    if len(done) < MIN_TRIALS_FOR_IMPORTANCE:
         return {}
     try:
         with warnings.catch_warnings():
@@ -60,6 +64,20 @@ def importances(study: optuna.Study) -> dict[str, float]:
         return {}
 
 
+def importance_note(n_complete: int, found: dict[str, float], params: list[str]) -> str:
+    """Why a parameter has no importance in the report ("" when every one has one)."""
+    if n_complete < MIN_TRIALS_FOR_IMPORTANCE:
+        return (
+            f"importances need at least {MIN_TRIALS_FOR_IMPORTANCE} completed trials "
+            f"({n_complete} so far)"
+        )
+    if not found:
+        return "importances could not be computed from these trials (see the log)"
+    if any(p not in found for p in params):
+        return "-: not ranked (a conditional parameter, not active in every completed trial)"
+    return ""
+
+
 def summarize(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
     trials = [t for t in study.get_trials(deepcopy=False) if visible(t)]
     best = best_trial(study)
@@ -77,7 +95,10 @@ def summarize(study: optuna.Study, spec: StudySpec) -> dict[str, Any]:
         "best_trial": best.number if best else None,
         "best_value": best.value if best else None,
         "best_params": dict(best.params) if best else {},
-        "importances": importances(study),
+        "importances": (found := importances(study)),
+        "importances_note": importance_note(
+            len(completed(study)), found, list(best.params) if best else []
+        ),
     }
 
 
@@ -187,10 +208,13 @@ def print_report(
     best = Table(title=f"best: trial {s['best_trial']}, value {_fmt(s['best_value'])}")
     best.add_column("parameter")
     best.add_column("value", justify="right")
-    best.add_column("importance", justify="right")
+    if s["importances"]:
+        best.add_column("importance", justify="right")
     for k, v in s["best_params"].items():
-        best.add_row(k, _fmt(v), _fmt(s["importances"].get(k)))
+        best.add_row(k, _fmt(v), *([_fmt(s["importances"].get(k))] if s["importances"] else []))
     console.print(best)
+    if s["importances_note"]:  # a line of its own: a caption would wrap to the table's width
+        console.print(s["importances_note"], soft_wrap=True)
     maximize = spec.objective.direction == "maximize"
     ranked = sorted(
         rows(study),

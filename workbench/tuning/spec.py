@@ -19,8 +19,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.config import Config, ConfigError, compose, conf_dir
-from workbench.specfile import Problems, SpecError, compose_error_text, parse_yaml, read_spec_text
+import yaml
+
+from workbench.config import Config, ConfigError, compose, conf_dir, preset_names
+from workbench.specfile import (
+    Problems,
+    QuickLook,
+    SpecError,
+    check_name,
+    check_str,
+    compose_error_text,
+    is_int,
+    is_number,
+    parse_yaml,
+    read_spec_text,
+)
 from workbench.tuning.components import PRUNERS, SAMPLERS, component_class
 
 GROUPS = ("env", "agent", "noise", "schedule", "tracking")
@@ -29,7 +42,6 @@ METRICS = ("eval/return_mean",)
 DIRECTIONS = ("maximize", "minimize")
 SCORES = ("final", "last_k", "best", "auc")
 AGGREGATES = ("mean", "iqm")
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _TOP_KEYS = (
     "name",
     "description",
@@ -198,9 +210,38 @@ def stored_params(space: Sequence[ParamSpec], params: Mapping[str, Any]) -> dict
 # ----------------------------------------------------------------------------- loading
 
 
-def load_spec(path: str | Path) -> StudySpec:
-    """Read and validate a spec file; SpecError lists every problem."""
-    return parse_spec(read_spec_text(path, "study spec"), source=str(path))
+def load_spec(path: str | Path, quick: QuickLook | None = None) -> StudySpec:
+    """Read and validate a spec file; SpecError lists every problem. With ``quick``, the
+    spec of a quick look at it (``quick_look_text``)."""
+    source = f"study spec {path}"
+    text = read_spec_text(path, source)
+    if quick:
+        text = quick_look_text(text, quick, source)
+        source += f" (quick look: {quick.describe()})"
+    return parse_spec(text, source=source)
+
+
+def quick_look_text(text: str, quick: QuickLook, source: str) -> str:
+    """The spec of a quick look, as YAML text (stored with its study like any spec, so that
+    ``study-report`` and a resume see what it ran): its own name and experiment, ``steps``
+    replaced, ``overrides`` appended to the base. A value the change would hit that is not of
+    its type is left as it is, for ``parse_spec`` to name."""
+    raw = parse_yaml(text, source)
+    name = raw.get("name")
+    tracking = raw.get("tracking") or {}
+    if isinstance(name, str) and isinstance(tracking, dict):
+        experiment = tracking.get("experiment") or f"study-{name}"
+        raw["name"] = quick.name(name)
+        raw["tracking"] = {**tracking, "experiment": f"{experiment}-quick"}
+    if quick.steps is not None:
+        raw["steps"] = quick.steps
+    base = raw.get("base") or {}
+    if quick.overrides and isinstance(base, dict):
+        overrides = base.get("overrides") or []
+        if isinstance(overrides, list):
+            raw["base"] = {**base, "overrides": [*overrides, *quick.overrides]}
+    header = f"# quick look ({quick.describe()}) at {source}\n"
+    return header + yaml.safe_dump(raw, sort_keys=False)
 
 
 def parse_spec(text: str, *, source: str = "study spec") -> StudySpec:
@@ -214,20 +255,17 @@ def parse_spec(text: str, *, source: str = "study spec") -> StudySpec:
     return spec
 
 
-def _num(x: Any) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _int(x: Any) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
+_num, _int = is_number, is_int
 
 
 def _build(raw: dict[str, Any], text: str, c: Problems) -> StudySpec | None:
     c.unknown_keys(raw, _TOP_KEYS)
 
     name = raw.get("name")
-    if not isinstance(name, str) or not _NAME.match(name):
-        c.fail("name", name, "must be a name of letters, digits, _ . - (it names files)")
+    check_name(c, "name", name)
+    description = raw.get("description", "")
+    if description is not None:
+        check_str(c, "description", description, empty=True)
 
     base = raw.get("base") or {}
     preset, overrides = None, ()
@@ -237,7 +275,7 @@ def _build(raw: dict[str, Any], text: str, c: Problems) -> StudySpec | None:
         c.unknown_keys(base, ("preset", "overrides"), "base.")
         preset = base.get("preset")
         if preset is not None:
-            presets = sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
+            presets = preset_names()  # conf/'s and the exported ones
             if preset not in presets:
                 c.fail("base.preset", preset, f"must be one of {', '.join(presets)}")
         ov = base.get("overrides") or []
@@ -271,8 +309,12 @@ def _build(raw: dict[str, Any], text: str, c: Problems) -> StudySpec | None:
     if not isinstance(enqueue, bool):
         c.fail("enqueue_base", enqueue, "must be true or false")
     storage = raw.get("storage")
-    if storage is not None and not isinstance(storage, str):
-        c.fail("storage", storage, "must be a storage URL (sqlite:///..., postgresql://...)")
+    if storage is not None and not (
+        isinstance(storage, str) and re.match(r"^[A-Za-z][\w+.\-]*://", storage)
+    ):
+        # a mistyped URL may still hold a password: show only what follows its '@'
+        shown = f"***@{storage.rsplit('@', 1)[1]}" if "@" in str(storage) else storage
+        c.fail("storage", shown, "must be a storage URL (sqlite:///..., postgresql://...)")
 
     tracking = raw.get("tracking") or {}
     experiment = tracking_uri = None
@@ -297,7 +339,6 @@ def _build(raw: dict[str, Any], text: str, c: Problems) -> StudySpec | None:
         elif not _int(grace) or grace <= interval:
             c.fail("heartbeat.grace_period", grace, f"must be an integer > interval ({interval})")
 
-    description = raw.get("description") or ""
     if c.problems or objective is None or space is None:
         return None
     return StudySpec(
@@ -320,7 +361,7 @@ def _build(raw: dict[str, Any], text: str, c: Problems) -> StudySpec | None:
         tracking_uri=tracking_uri,
         heartbeat_interval=interval,
         grace_period=grace,
-        description=str(description),
+        description=description or "",
         text=text,
     )
 
@@ -415,6 +456,12 @@ def _space(raw: Any, c: Problems) -> tuple[ParamSpec, ...] | None:
             raw_choices = d.get("choices")
             if not isinstance(raw_choices, list) or not raw_choices:
                 c.fail(f"{key}.choices", raw_choices, "must be a non-empty list")
+            elif not all(_is_choice(x) for x in raw_choices):
+                c.fail(
+                    f"{key}.choices",
+                    raw_choices,
+                    "each choice must be a number, string, true/false, null or a list of them",
+                )
             else:
                 keys = [choice_key(x) for x in raw_choices]
                 if len(set(map(repr, keys))) != len(keys):
@@ -441,6 +488,14 @@ def _space(raw: Any, c: Problems) -> tuple[ParamSpec, ...] | None:
     return tuple(params)
 
 
+def _is_scalar(x: Any) -> bool:
+    return x is None or isinstance(x, bool | str) or is_number(x)
+
+
+def _is_choice(x: Any) -> bool:
+    return _is_scalar(x) or (isinstance(x, list) and all(_is_scalar(v) for v in x))
+
+
 def _when(
     key: str, raw: Any, seen: Mapping[str, ParamSpec], c: Problems
 ) -> tuple[tuple[str, tuple[Any, ...]], ...]:
@@ -456,6 +511,14 @@ def _when(
         if ref is None:
             earlier = ", ".join(seen) or "(none)"
             c.fail(f"{key}.when.{other}", values, f"must name an earlier parameter: {earlier}")
+            continue
+        if ref.type == "float":
+            c.fail(
+                f"{key}.when.{other}",
+                values,
+                f"{other} is a float parameter, which never equals a given value: "
+                "condition on a categorical or int parameter",
+            )
             continue
         if ref.type == "categorical":
             bad = [v for v in allowed if choice_key(v) not in {choice_key(x) for x in ref.choices}]
@@ -485,11 +548,94 @@ def _component(
     cls, _ = component_class(what, name)
     params = inspect.signature(cls).parameters
     accepted = sorted(k for k in params if k != "self")
-    for key in args:
+    n_before = len(c.problems)
+    for key, value in args.items():
         if key not in accepted:
             allowed = ", ".join(accepted) or "(none)"
-            c.fail(f"{what}.{key}", args[key], f"not an option of {name}; allowed: {allowed}")
+            c.fail(f"{what}.{key}", value, f"not an option of {name}; allowed: {allowed}")
+            continue
+        kinds = _option_kinds(params[key].annotation)
+        given = [k for k in kinds if k in _OPTION_CHECKS]
+        if not any(_OPTION_CHECKS[k](value) for k in given):
+            objects = ", ".join(k for k in kinds if k not in _OPTION_CHECKS)
+            if given:
+                allowed = f"must be {' or '.join(_OPTION_WORDS[k] for k in given)}"
+                allowed += f" (a {objects} cannot be given in a spec)" if objects else ""
+            else:
+                allowed = f"takes a {objects}, which a spec cannot give"
+            c.fail(f"{what}.{key}", value, f"{allowed}; an option of {name}")
+        elif (
+            is_int(value) and value < 0 and is_int(default := params[key].default) and default >= 0
+        ):
+            # counts and step numbers (n_startup_trials, n_warmup_steps): Optuna takes -3
+            c.fail(f"{what}.{key}", value, f"must be an integer >= 0; an option of {name}")
+    if len(c.problems) == n_before:
+        _construct(what, name, cls, args, c)
     return name, args
+
+
+# What a YAML value may be for an Optuna option, by the annotation's type names.
+_OPTION_CHECKS = {
+    "None": lambda v: v is None,
+    "bool": lambda v: isinstance(v, bool),
+    "int": is_int,
+    "float": is_number,
+    "str": lambda v: isinstance(v, str),
+    "dict": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, list),
+}
+_OPTION_WORDS = {
+    "None": "null",
+    "bool": "true or false",
+    "int": "an integer",
+    "float": "a number",
+    "str": "a string",
+    "dict": "a mapping",
+    "list": "a list",
+}
+
+
+def _option_kinds(annotation: Any) -> list[str]:
+    """``'int | None'`` (Optuna's annotations are often strings) or ``int | None`` as
+    ``['int', 'None']``; a type a spec cannot give (``Callable[...]``, ``BaseSampler``) keeps
+    its own name. No annotation: anything goes."""
+    if annotation is inspect.Parameter.empty:
+        return list(_OPTION_CHECKS)
+    text = annotation if isinstance(annotation, str) else inspect.formatannotation(annotation)
+    kinds, depth, part = [], 0, ""
+    for ch in text + "|":  # split on the '|' outside brackets
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "|" and depth == 0:
+            kinds.append(part.strip())
+            part = ""
+        else:
+            part += ch
+    out = []
+    for kind in kinds:
+        kind = kind.split("[", 1)[0].rsplit(".", 1)[-1]
+        out.append({"NoneType": "None", "Dict": "dict", "List": "list"}.get(kind, kind))
+    return out
+
+
+def _construct(what: str, name: str, cls: type, args: Mapping[str, Any], c: Problems) -> None:
+    """Build the sampler/pruner once, so that Optuna's own value checks (a negative count,
+    a percentile above 100) fail at load, before any storage exists."""
+    import warnings
+
+    import optuna
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            kwargs = dict(args)
+            if cls is optuna.pruners.PercentilePruner:
+                kwargs.setdefault("percentile", 25.0)  # as make_pruner defaults it
+            cls(**kwargs)
+    except (ValueError, TypeError) as err:
+        c.fail(what, {"name": name, **args}, f"Optuna refuses these options: {err}")
+    except ImportError as err:  # e.g. cmaes or scipy missing
+        c.fail(f"{what}.name", name, f"cannot be used here: {err}")
 
 
 # ----------------------------------------------------------------------------- config checks
