@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -22,6 +23,7 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.table import Table
 from rich.text import Text
 
 
@@ -98,3 +100,27 @@ class ProgressDisplay:
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
+
+
+# ----------------------------------------------------------------------------- tables
+
+# The width of tables written to a file or a pipe: wide enough not to wrap, which no reader
+# of a log would resize for. On a terminal, its own width.
+FILE_WIDTH = 160
+
+
+def console() -> Console:
+    """stdout for the commands' tables: a terminal's width there; elsewhere wide, and plain
+    text (rich writes no colour codes where stdout is not a terminal)."""
+    out = Console()
+    if not out.is_terminal:
+        out.width = FILE_WIDTH
+    return out
+
+
+def table(title: str) -> Table:
+    """A table that spends its width on the values (no outer frame, one rule under the
+    header): what lets the commands' tables fit 80 columns."""
+    return Table(
+        title=title, box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, collapse_padding=True
+    )

@@ -76,6 +76,35 @@ def _train_task(raw: Any) -> None:
             }
         )
     )
+    print(_where(cfg, result.run_id), file=sys.stderr)
+
+
+def _where(cfg: Any, run_id: str | None) -> str:
+    """Where the run is and how to look at it: its name, experiment and artifacts, and the
+    command that opens the MLflow UI on its store (stderr; stdout stays the JSON line)."""
+    from urllib.parse import unquote, urlparse
+
+    from workbench.tracking import redact, resolve_uri, search_runs
+
+    t = cfg.tracking
+    if run_id is None:
+        return "not tracked (tracking.backend=none)"
+    uri = resolve_uri(t.uri, t.dir)
+    try:
+        (run,) = search_runs(uri, run_ids=[run_id])
+    except Exception:  # the summary above stands; where to look is a courtesy
+        return f"run {run_id} in experiment {t.experiment!r} at {redact(uri)}"
+    parsed = urlparse(run.artifact_uri)
+    artifacts = unquote(parsed.path) if parsed.scheme == "file" else redact(run.artifact_uri)
+    if t.uri:
+        ui = f"workbench ui --uri {redact(t.uri)}"
+    else:
+        ui = "workbench ui" if t.dir == "mlruns" else f"workbench ui --dir {t.dir}"
+    return (
+        f"run {run.run_name} ({run_id}) in experiment {t.experiment!r}\n"
+        f"  artifacts: {artifacts}\n"
+        f"  to look at it: {ui}"
+    )
 
 
 def _swept_keys(argv: Sequence[str]) -> set[str]:
