@@ -335,17 +335,23 @@ def _unique_name(client: MlflowClient, experiment_id: str, name: str | None) -> 
     differ should not share a name (nor, in the MLflow UI, a legend entry)."""
     if not name:
         return name
-    pattern = name.replace("'", "''")
-    try:
+    quoted = name.replace("'", "''")
+
+    def named(condition: str, max_results: int) -> set[str]:
         runs = client.search_runs(
             [experiment_id],
-            filter_string=f"attributes.run_name LIKE '{pattern}%'",
-            max_results=50_000,
+            filter_string=f"attributes.run_name {condition}",
+            max_results=max_results,
         )
+        return {r.info.run_name for r in runs}
+
+    try:  # one small query when the name is free (the common case)
+        taken = named(f"= '{quoted}'", 1)
+        if taken:
+            taken |= named(f"LIKE '{quoted}-%'", 50_000)
     except Exception as err:  # a name is worth no failed run: keep it as it is
         log.debug("could not look up run names: %s", _one_line(err))
         return name
-    taken = {r.info.run_name for r in runs}
     n = 1
     while (candidate := name if n == 1 else f"{name}-{n}") in taken:
         n += 1
