@@ -86,11 +86,14 @@ def test_pruner_stops_a_bad_trial_before_its_last_step(tmp_path):
     assert list(trial.intermediate_values) == [100]
     by_name = {r.info.run_name: r for r in _runs(tmp_path, "study-tiny")}
     seed_run = by_name[f"trial-{trial.number:04d}-s0"]
-    assert seed_run.info.status == "KILLED"
+    # FINISHED, tagged pruned: the MLflow UI draws KILLED as a failure
+    assert seed_run.info.status == "FINISHED"
     assert seed_run.data.tags["workbench.status_reason"].startswith("pruned at step 100")
+    assert seed_run.data.tags["workbench.trial_state"] == "pruned"
     trial_run = by_name[f"trial-{trial.number:04d}"]
     assert trial_run.data.tags["workbench.trial_state"] == "pruned"
-    assert trial_run.info.status == "KILLED"
+    assert trial_run.info.status == "FINISHED"
+    assert trial_run.data.tags["mlflow.note.content"].startswith("FINISHED: pruned at step")
 
 
 def test_a_diverging_trial_is_failed_with_its_reason_and_the_study_goes_on(tmp_path):
@@ -156,8 +159,16 @@ def test_two_workers_share_a_study_resume_adds_trials_and_the_preset_reproduces(
         assert sr.data.tags["workbench.seed"] == "0"
         curve = client.get_metric_history(tr.info.run_id, "eval/return_mean")
         assert [m.step for m in curve] == [100, 200, 300, 400]
-    best = client.get_metric_history(parent, "study/best_value")
-    assert sorted(m.step for m in best) == [0, 1, 2, 3]
+    # counts at step = trials counted so far (two workers may both log one step, alike)
+    last = {}
+    for key in ("study/n_complete", "study/n_pruned", "study/best_value"):
+        points = {(m.step, m.value) for m in client.get_metric_history(parent, key)}
+        assert len({step for step, _ in points}) == len(points)  # one value per step
+        assert max(step for step, _ in points) == 4
+        last[key] = max(points)[1]
+    assert last["study/n_complete"] + last["study/n_pruned"] == 4
+    assert client.get_run(parent).data.params["study.n_trials"] == "3"  # the first --trials
+    assert client.get_run(parent).data.tags["workbench.n_trials"] == "4"  # the one now
     files = {a.path for a in client.list_artifacts(parent, "report")}
     assert {"report/trials.csv", "report/summary.json", "report/optimization_history.png"} <= files
     # the logged report is of all four trials: the table, the summary and the history plot
@@ -376,7 +387,10 @@ def test_a_population_study_prunes_and_refills(tmp_path):
     assert [t.state for t in trials[1:]] == [TrialState.PRUNED] * 3  # two slots, three trials
     assert all(t.user_attrs[PRUNE_REASON].startswith("pruned at step 100") for t in trials[1:])
     runs = {r.info.run_name: r for r in _runs(tmp_path, "study-tiny")}
-    assert {runs[f"trial-{n:04d}"].info.status for n in (1, 2, 3)} == {"KILLED"}
+    assert {runs[f"trial-{n:04d}"].info.status for n in (1, 2, 3)} == {"FINISHED"}
+    assert {runs[f"trial-{n:04d}"].data.tags["workbench.trial_state"] for n in (1, 2, 3)} == {
+        "pruned"
+    }
 
 
 def test_population_refuses_a_search_over_shapes(tmp_path):

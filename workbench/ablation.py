@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
 from workbench import stats
 from workbench.checkpoint import CheckpointError, prepare_resume
@@ -296,11 +295,17 @@ def run_jobs(units: Sequence[Unit], ablation: str, parent_run_id: str | None) ->
     episode boundary and ends KILLED, then this worker stops. MLflow is the record of what
     finished.
     """
-    from workbench.logs import setup_logging
+    from workbench.logs import Countdown, setup_logging
 
     setup_logging()
+    total = sum(len(unit) for unit in units)
+    countdown, done = Countdown(total), 0
     for unit in units:
+        span = f"{done + 1}" if len(unit) == 1 else f"{done + 1}-{done + len(unit)}"
+        log.info("run %s/%d of this process: %s", span, total, _names(unit))
         _run_unit(unit, ablation, parent_run_id)
+        done += len(unit)
+        log.info("%s: ended [%s of this process]", _names(unit), countdown.update(done))
 
 
 def _run_unit(jobs: Unit, ablation: str, parent_run_id: str | None) -> None:
@@ -561,6 +566,11 @@ def _f(x: float, d: int = 1) -> str:
     return "-" if not isinstance(x, float | int) or not math.isfinite(x) else f"{x:.{d}f}"
 
 
+def _g(x: float) -> str:
+    """A return for the terminal table: no decimal from 1000 on (keeps 80 columns)."""
+    return _f(x, 0 if isinstance(x, float | int) and abs(x) >= 1000 else 1)
+
+
 def _markdown(result: AblationResult, rows: list[dict[str, Any]]) -> str:
     spec = result.spec
     lines = [
@@ -597,28 +607,29 @@ def _markdown(result: AblationResult, rows: list[dict[str, Any]]) -> str:
 
 
 def print_table(result: AblationResult, rows: list[dict[str, Any]], console: Console) -> None:
-    table = Table(title=f"ablation {result.spec.name}: final eval return over seeds")
-    for col, justify in (
-        ("variant", "left"),
-        ("runs", "right"),
-        ("IQM [95% CI]", "right"),
-        ("mean ± std", "right"),
-        ("P(better) [95% CI]", "right"),
-        ("MWU p", "right"),
-        ("verdict", "left"),
-    ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    """The summary table, then each variant's verdict on a line of its own (a verdict is a
+    sentence: as a column it squeezes the numbers). Fits 80 columns; ``mean ± std`` shows
+    from 100."""
+    from workbench.display import table as make_table
+
+    wide = console.width >= 100
+    table = make_table(f"ablation {result.spec.name}: final eval return over seeds")
+    table.add_column("variant", no_wrap=True)
+    for col in ("runs", "IQM [95% CI]", *(["mean ± std"] if wide else []), "P(better) [95% CI]"):
+        table.add_column(col, justify="right")
+    table.add_column("MWU p", justify="right", no_wrap=True)
     for r in rows:
         table.add_row(
             r["variant"],
             str(r["n"]),
-            f"{_f(r['iqm'])} [{_f(r['iqm_ci_low'])}, {_f(r['iqm_ci_high'])}]",
-            f"{_f(r['mean'])} ± {_f(r['std'])}",
+            f"{_g(r['iqm'])} [{_g(r['iqm_ci_low'])}, {_g(r['iqm_ci_high'])}]",
+            *([f"{_g(r['mean'])} ± {_g(r['std'])}"] if wide else []),
             f"{_f(r['p_improvement'], 2)} [{_f(r['poi_ci_low'], 2)}, {_f(r['poi_ci_high'], 2)}]",
             _f(r["mwu_p"], 3),
-            r["verdict"],
         )
     console.print(table)
+    for r in rows:
+        console.print(f"  {r['variant']}: {r['verdict']}", highlight=False)
 
 
 def _report(result: AblationResult, parent: ParentRun, out_dir: Path) -> None:

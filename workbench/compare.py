@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
-from rich.table import Table
 
-from workbench import stats
+from workbench import display, stats
 from workbench.tracking import RunRecord, metric_history, search_runs
 from workbench.tracking.tags import CONFIG_HASH_TAG
 
@@ -136,7 +135,7 @@ def print_report(
     metric: str,
     console: Console,
 ) -> None:
-    table = Table(title=f"{metric} by group (latest value per run)")
+    table = display.table(f"{metric} by group (latest value per run)")
     table.add_column("group")
     table.add_column("runs", justify="right")
     table.add_column("IQM [95% CI]", justify="right")
@@ -157,7 +156,7 @@ def print_report(
         )
     console.print(table)
     if diff:
-        ptable = Table(title="params that differ between groups")
+        ptable = display.table("params that differ between groups")
         ptable.add_column("param")
         for g in groups:
             ptable.add_column(g)

@@ -61,13 +61,15 @@ def evaluate(
     video_path: Path | None = None,
     video_max_frames: int = 1000,
     fps: int = 30,
+    on_episode: Callable[[int], None] | None = None,
 ) -> EvalResult:
     """Run ``episodes`` whole episodes of ``policy`` (one obs -> one action) on ``env``.
 
     Only the first reset is seeded, so the episodes are a function of ``seed`` alone.
     With ``video_path`` and an ``rgb_array`` env, the first episode (up to
     ``video_max_frames`` frames) is written as an mp4; an env that cannot render gives a
-    warning and ``video_path=None`` rather than a failed run.
+    warning and ``video_path=None`` rather than a failed run. ``on_episode(n)`` is called
+    after each episode with the number done (a progress display).
     """
     if episodes < 1:
         raise ValueError(f"episodes must be >= 1, got {episodes}")
@@ -91,6 +93,8 @@ def evaluate(
             if recording and len(frames) < video_max_frames:
                 recording = _grab(env, frames)
         returns[episode], lengths[episode] = total, steps
+        if on_episode is not None:
+            on_episode(episode + 1)
 
         if episode == 0 and recording:
             try:
@@ -121,6 +125,9 @@ class Evaluator:
         self.cfg, self.env, self.policy, self.seed = cfg, env, policy, seed
         self.tracker, self.state, self.display = tracker, state, display
         self.seconds = {"loop": 0.0, "final": 0.0}
+        # which run a log line is about, where several share a log (ablations, studies)
+        name = getattr(tracker, "run_name", None)
+        self.prefix = f"{name}: " if name else ""
 
     def __call__(
         self, step: int, *, video_path: Path | None = None, final: bool = False
@@ -128,15 +135,23 @@ class Evaluator:
         from workbench.errors import DivergenceError
 
         t0 = time.perf_counter()
-        res = evaluate(
-            self.policy,
-            self.env,
-            self.cfg.episodes,
-            seed=self.seed,
-            video_path=video_path,
-            video_max_frames=self.cfg.video_max_frames,
-            fps=self.cfg.video_fps,
-        )
+        episodes = self.cfg.episodes
+        if final:  # it can take a while (whole episodes, a video): say so where no bar shows
+            log.info("%sstep %d: final evaluation (%d episodes)", self.prefix, step, episodes)
+        self.display.evaluating(episodes)
+        try:
+            res = evaluate(
+                self.policy,
+                self.env,
+                episodes,
+                seed=self.seed,
+                video_path=video_path,
+                video_max_frames=self.cfg.video_max_frames,
+                fps=self.cfg.video_fps,
+                on_episode=self.display.evaluated,
+            )
+        finally:
+            self.display.evaluated(None)
         metrics = res.metrics()
         elapsed = time.perf_counter() - t0
         self.seconds["final" if final else "loop"] += elapsed
@@ -146,7 +161,9 @@ class Evaluator:
         self.tracker.log_metrics(metrics, step)
         self.state.record_eval(step, mean, std)
         self.display.update(step, last_eval=mean)
-        log.info("step %d: eval return %.1f +- %.1f (%.1fs)", step, mean, std, elapsed)
+        log.info(
+            "%sstep %d: eval return %.1f +- %.1f (%.1fs)", self.prefix, step, mean, std, elapsed
+        )
         if res.video_path is not None:
             self.tracker.log_artifact(res.video_path, "video")
         return metrics

@@ -157,7 +157,7 @@ def open_run(member: Member, *, alone: bool) -> Opening:
             lock.acquire()  # refuses a run that is still training elsewhere
         tracker = member.tracker or make_tracker(
             cfg.tracking,
-            run_name=run_name(cfg),
+            run_name=run_name(cfg, member.tags),
             resume_run_id=cfg.resume if resume_state is not None else None,
         )
         header = {

@@ -74,9 +74,7 @@ def _seeds(text: str | None) -> tuple[int, ...] | None:
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from workbench import ablation
+    from workbench import ablation, display
     from workbench.specfile import QuickLook, SpecError
     from workbench.tracking import TrackingError
 
@@ -105,9 +103,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     except TrackingError as err:
         print(f"workbench: {err}", file=sys.stderr)
         return 2
-    console = Console()
-    if not console.is_terminal:
-        console.width = 180
+    console = display.console()
     ablation.print_table(result, result.rows, console)
     console.print(
         f"ran {result.ran}, reused {result.skipped} finished run(s), {len(result.failed)} failed; "

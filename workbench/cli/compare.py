@@ -39,9 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from rich.console import Console
-
-    from workbench import compare
+    from workbench import compare, display
     from workbench.tracking import resolve_uri
 
     uri = resolve_uri(args.tracking_uri, "mlruns")
@@ -53,9 +51,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         tags=args.tag,
     )
     runs = [r for r in runs if args.metric in r.metrics]
-    console = Console()
-    if not console.is_terminal:
-        console.width = 160  # logs and pipes: do not wrap the tables
+    console = display.console()
     if not runs:
         console.print(f"no runs with metric {args.metric!r} match the selection")
         return 1

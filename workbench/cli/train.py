@@ -26,9 +26,14 @@ def _train_task(raw: Any) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     from workbench.checkpoint import CheckpointError, prepare_resume
-    from workbench.config import ConfigError, check_env, to_config, validate
+    from workbench.config import ConfigError, check_env, override_key, to_config, validate
     from workbench.tracking import TrackingError
-    from workbench.tracking.tags import OVERRIDES_TAG, SWEEP_JOB_TAG, SWEEP_TAG
+    from workbench.tracking.tags import (
+        OVERRIDES_TAG,
+        SWEEP_JOB_TAG,
+        SWEEP_PARAMS_TAG,
+        SWEEP_TAG,
+    )
     from workbench.train import Interrupted, train
 
     hc = HydraConfig.get()
@@ -48,6 +53,9 @@ def _train_task(raw: Any) -> None:
     if str(hc.mode) == "RunMode.MULTIRUN":
         tags[SWEEP_TAG] = str(hc.sweep.dir)
         tags[SWEEP_JOB_TAG] = str(hc.job.num)
+        swept = _swept_keys(sys.argv[1:])
+        if mine := [o for o in hc.overrides.task if override_key(o) in swept]:
+            tags[SWEEP_PARAMS_TAG] = " ".join(mine)  # what tells this job from the others
     try:
         result = train(cfg, tags=tags, resume_state=state, handle_signals=True)
     except (TrackingError, CheckpointError) as err:
@@ -68,6 +76,47 @@ def _train_task(raw: Any) -> None:
             }
         )
     )
+    print(_where(cfg, result.run_id), file=sys.stderr)
+
+
+def _where(cfg: Any, run_id: str | None) -> str:
+    """Where the run is and how to look at it: its name, experiment and artifacts, and the
+    command that opens the MLflow UI on its store (stderr; stdout stays the JSON line)."""
+    from urllib.parse import unquote, urlparse
+
+    from workbench.tracking import redact, resolve_uri, search_runs
+
+    t = cfg.tracking
+    if run_id is None:
+        return "not tracked (tracking.backend=none)"
+    uri = resolve_uri(t.uri, t.dir)
+    try:
+        (run,) = search_runs(uri, run_ids=[run_id])
+    except Exception:  # the summary above stands; where to look is a courtesy
+        return f"run {run_id} in experiment {t.experiment!r} at {redact(uri)}"
+    parsed = urlparse(run.artifact_uri)
+    artifacts = unquote(parsed.path) if parsed.scheme == "file" else redact(run.artifact_uri)
+    if t.uri:
+        ui = f"workbench ui --uri {redact(t.uri)}"
+    else:
+        ui = "workbench ui" if t.dir == "mlruns" else f"workbench ui --dir {t.dir}"
+    return (
+        f"run {run.run_name} ({run_id}) in experiment {t.experiment!r}\n"
+        f"  artifacts: {artifacts}\n"
+        f"  to look at it: {ui}"
+    )
+
+
+def _swept_keys(argv: Sequence[str]) -> set[str]:
+    """The keys a multirun sweeps over (``agent.tau=0.01,0.02``, ``seed=range(3)``)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    items = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(items)
+    except Exception:  # Hydra has parsed them already; a name is not worth failing for
+        return set()
+    return {o.key_or_group for o in parsed if o.is_sweep_override()}
 
 
 def _compose_problem(argv: Sequence[str]) -> str | None:

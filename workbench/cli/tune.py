@@ -331,15 +331,15 @@ def _finish(
 
 
 def _console() -> Any:
-    from rich.console import Console
+    from workbench import display
 
-    return Console(stderr=False, width=max(100, Console().width))
+    return display.console()
 
 
 def _print_recheck(rows: list[dict[str, Any]]) -> None:
-    from rich.table import Table
+    from workbench import display
 
-    t = Table(title="re-check on fresh seeds (the search winner is biased upward)")
+    t = display.table("re-check on fresh seeds (the search winner is biased upward)")
     for col in ("trial", "search value", "fresh-seed value", "difference", "fresh seeds"):
         t.add_column(col, justify="right")
     for r in rows:

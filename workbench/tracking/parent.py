@@ -82,5 +82,7 @@ class ParentRun:
     def end(self, status: str, reason: str | None = None) -> None:
         if self._tracker is not None:
             self._tracker.end(status, reason)
-        else:
-            self._handle.end(status, reason)
+            return
+        self._handle.end(status, reason)
+        if reason is None:  # a reopened run that ends well: "resumed" no longer says why
+            self._handle.clear_reason()

@@ -22,6 +22,7 @@ class RunRecord:
     params: dict[str, str]
     metrics: dict[str, float]  # latest value of each metric
     tags: dict[str, str]
+    artifact_uri: str = ""
 
 
 def list_experiments(uri: str) -> list[tuple[str, str]]:
@@ -83,6 +84,7 @@ def _record(run: Any) -> RunRecord:
         params=dict(run.data.params),
         metrics=dict(run.data.metrics),
         tags=dict(run.data.tags),
+        artifact_uri=run.info.artifact_uri or "",
     )
 
 

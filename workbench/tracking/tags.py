@@ -41,6 +41,7 @@ AGENT_TAG = "workbench.agent"
 OVERRIDES_TAG = "workbench.overrides"  # the Hydra overrides the run was started with
 SWEEP_TAG = "workbench.sweep"  # a Hydra multirun's folder
 SWEEP_JOB_TAG = "workbench.sweep_job"
+SWEEP_PARAMS_TAG = "workbench.sweep_params"  # a sweep job's values of the swept keys
 CHECKPOINT_DIR_TAG = "workbench.checkpoint_dir"
 RESUMED_AT_STEP_TAG = "workbench.resumed_at_step"
 CHECK_TAG = "workbench.check"  # a run started by `workbench check`
@@ -55,6 +56,7 @@ TRIAL_STATE_TAG = "workbench.trial_state"  # running | complete | pruned | faile
 SAMPLED_TAG = "workbench.sampled"  # the overrides a trial's sampler chose
 STORAGE_TAG = "workbench.storage"  # a study's Optuna storage (redacted)
 BEST_TRIAL_TAG = "workbench.best_trial"
+N_TRIALS_TAG = "workbench.n_trials"  # the count a study runs to now (--trials, or its spec)
 ABLATION_TAG = "workbench.ablation"
 VARIANT_TAG = "workbench.variant"
 DESCRIPTION_TAG = "workbench.description"
@@ -101,9 +103,46 @@ EXPERIMENT_KIND = "custom_model_development"
 # ----------------------------------------------------------------------------- a training run
 
 
-def run_name(cfg: Config) -> str:
-    """``tracking.run_name``, else ``<agent>-<env>-s<seed>``."""
-    return cfg.tracking.run_name or f"{cfg.agent.name}-{cfg.env.name}-s{cfg.seed}"
+# The longest list of overrides a run name carries; past it the name carries a config hash.
+MAX_NAME_OVERRIDES = 40
+
+
+def run_name(cfg: Config, tags: Mapping[str, str] | None = None) -> str:
+    """``tracking.run_name``, else ``<agent>-<env>-s<seed>`` and what the run's overrides
+    change, shortened: ``ddpg-pendulum-s0-tau=0.01,actor_lr=3e-4``, or
+    ``ddpg-pendulum-s0-3f9a2c`` (the config hash) when they do not fit. A sweep job's name
+    carries the swept values only (``tags[SWEEP_PARAMS_TAG]``), a plain run's its overrides
+    (``tags[OVERRIDES_TAG]``). ``MlflowTracker`` adds ``-2``, ``-3`` when a name is taken.
+    """
+    if cfg.tracking.run_name:
+        return cfg.tracking.run_name
+    tags = tags or {}
+    base = f"{cfg.agent.name}-{cfg.env.name}-s{cfg.seed}"
+    shown = name_overrides(tags.get(SWEEP_PARAMS_TAG, tags.get(OVERRIDES_TAG, "")))
+    if not shown:
+        return base
+    if len(shown) > MAX_NAME_OVERRIDES:
+        from workbench.config import config_hash
+
+        return f"{base}-{config_hash(cfg)[:6]}"
+    return f"{base}-{shown}"
+
+
+def name_overrides(overrides: str) -> str:
+    """The overrides that change what a run learns, as ``key=value`` with the key's last part,
+    comma-joined. Left out: what the name already says (agent, env, seed), runtime keys
+    (tracking, device, checkpoints, ...) and Hydra's own."""
+    from workbench.config import is_runtime_key, override_key
+
+    shown = []
+    for item in overrides.split():
+        if "=" not in item or item.startswith("~"):
+            continue
+        key, value = override_key(item), item.split("=", 1)[1]
+        if key in ("agent", "env", "seed") or key.startswith("hydra") or is_runtime_key(key):
+            continue
+        shown.append(f"{key.rsplit('.', 1)[-1]}={value}")
+    return ",".join(shown)
 
 
 def run_tags(cfg: Config, device: str, extra: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 from urllib.parse import unquote, urlparse
 
 from workbench.tracking.redact import _one_line, redact
-from workbench.tracking.status import _check_status
+from workbench.tracking.status import STATUSES, _check_status
 from workbench.tracking.store import (
     TrackingError,
     _client,
@@ -330,6 +330,34 @@ def _call_bounded(fn: Any, timeout: float) -> str | None:
     return errors[0] if errors else None
 
 
+def _unique_name(client: MlflowClient, experiment_id: str, name: str | None) -> str | None:
+    """``name``, or ``name-2``, ``name-3`` ... when a run of the experiment has it: runs that
+    differ should not share a name (nor, in the MLflow UI, a legend entry)."""
+    if not name:
+        return name
+    quoted = name.replace("'", "''")
+
+    def named(condition: str, max_results: int) -> set[str]:
+        runs = client.search_runs(
+            [experiment_id],
+            filter_string=f"attributes.run_name {condition}",
+            max_results=max_results,
+        )
+        return {r.info.run_name for r in runs}
+
+    try:  # one small query when the name is free (the common case)
+        taken = named(f"= '{quoted}'", 1)
+        if taken:
+            taken |= named(f"LIKE '{quoted}-%'", 50_000)
+    except Exception as err:  # a name is worth no failed run: keep it as it is
+        log.debug("could not look up run names: %s", _one_line(err))
+        return name
+    n = 1
+    while (candidate := name if n == 1 else f"{name}-{n}") in taken:
+        n += 1
+    return candidate
+
+
 def _is_permanent(err: Exception) -> bool:
     """Errors a retry cannot fix (bad value, deleted run): drop the points, don't loop."""
     code = getattr(err, "error_code", None)
@@ -405,16 +433,18 @@ class MlflowTracker:
             experiment_id, rest = run.info.experiment_id, all_tags
             params = {k: v for k, v in params.items() if _clean_key(k) not in run.data.params}
         else:
+            first, rest = all_tags[:MAX_PARAMS_PER_BATCH], all_tags[MAX_PARAMS_PER_BATCH:]
+            # the lock also keeps two local processes from taking one name
             with _store_lock(self.uri):
                 experiment_id = self._get_or_create_experiment(client)
-            first, rest = all_tags[:MAX_PARAMS_PER_BATCH], all_tags[MAX_PARAMS_PER_BATCH:]
-            try:
-                run = client.create_run(experiment_id, run_name=self.run_name, tags=dict(first))
-            except Exception as err:
-                raise TrackingError(
-                    f"cannot create a run in experiment {self.experiment!r} at "
-                    f"{redact(self.uri)}: {_one_line(err)}"
-                ) from None
+                self.run_name = _unique_name(client, experiment_id, self.run_name)
+                try:
+                    run = client.create_run(experiment_id, run_name=self.run_name, tags=dict(first))
+                except Exception as err:
+                    raise TrackingError(
+                        f"cannot create a run in experiment {self.experiment!r} at "
+                        f"{redact(self.uri)}: {_one_line(err)}"
+                    ) from None
         self._client, self.experiment_id = client, experiment_id
         self.run_id, self._artifact_uri = run.info.run_id, run.info.artifact_uri
         self._pid = os.getpid()
@@ -832,6 +862,17 @@ class RunHandle:
 
     def end(self, status: str, reason: str | None = None) -> None:
         self._end(self.run_id, status, reason)
+
+    def clear_reason(self) -> None:
+        """Drop the reason and the status note a reopened run still has from before."""
+        try:
+            tags = self._client.get_run(self.run_id).data.tags
+            if REASON_TAG in tags:
+                self._client.delete_tag(self.run_id, REASON_TAG)
+            if tags.get(NOTE_TAG, "").startswith(tuple(f"{s}:" for s in STATUSES)):
+                self._client.delete_tag(self.run_id, NOTE_TAG)
+        except Exception as err:
+            log.warning("could not clear the reason of run %s: %s", self.run_id, _one_line(err))
 
     def end_with_running_children(self, status: str, reason: str) -> None:
         """End this run and its children still RUNNING (a dead worker's trial and seeds)."""

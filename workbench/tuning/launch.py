@@ -21,8 +21,15 @@ from optuna.trial import FrozenTrial, TrialState
 
 from workbench import parallel
 from workbench.config import compose, flatten, to_dict
+from workbench.logs import Countdown
 from workbench.tracking import ParentRun, ends_run, redact, resolve_uri
-from workbench.tracking.tags import BEST_TRIAL_TAG, ROLE_TAG, STORAGE_TAG, STUDY_TAG
+from workbench.tracking.tags import (
+    BEST_TRIAL_TAG,
+    N_TRIALS_TAG,
+    ROLE_TAG,
+    STORAGE_TAG,
+    STUDY_TAG,
+)
 from workbench.tuning import run_tree as runs
 from workbench.tuning.objective import Objective
 from workbench.tuning.spec import StudySpec, choice_key
@@ -85,46 +92,63 @@ class WorkerContext:
 
 
 class StudyMetrics:
-    """After each trial: study-level points on the parent run, stepped by trial number (so
-    each point has exactly one writer), and one log line."""
+    """After each trial: study-level points on the parent run, and one log line that says
+    which trial it was, how far the study is and when it should be done.
 
-    def __init__(self, parent: ParentRun | None, direction: str):
+    ``study/n_complete``, ``n_pruned``, ``n_failed`` and ``best_value`` are read from the
+    storage (all workers' trials) and stepped by the number of counted trials at that moment:
+    trials end out of trial-number order (several workers, populations), and a step that
+    grows with what has ended keeps each count a curve that only goes up, whose last point is
+    the latest. ``study/value`` and ``trial_env_steps`` are the trial's own, at its number.
+    """
+
+    def __init__(
+        self, parent: ParentRun | None, direction: str, n_trials: int | None = None, done: int = 0
+    ):
         self.parent, self.maximize = parent, direction == "maximize"
+        self.eta = Countdown(n_trials, done)  # ``done``: trials counted when the worker began
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
         trials = study.get_trials(deepcopy=False)
-        upto = [
-            t.value
-            for t in trials
-            if t.state == TrialState.COMPLETE and t.number <= trial.number and t.value is not None
-        ]
         steps = trial.user_attrs.get(ENV_STEPS)
         detail = (
             f"value {trial.value:.2f}"
             if trial.state == TrialState.COMPLETE
             else trial.user_attrs.get(PRUNE_REASON) or trial.user_attrs.get(FAIL_REASON) or ""
         )
+        done = sum(counts(t) for t in trials)
         log.info(
-            "trial %d %s: %s (%s env steps)",
+            "trial %d %s: %s (%s env steps) [%s]",
             trial.number,
             trial.state.name.lower(),
             detail,
             steps,
+            self.eta.update(done),
         )
         if self.parent is None or not counts(trial):
             return
-        metrics = {
-            "study/n_complete": sum(t.state == TrialState.COMPLETE for t in trials),
-            "study/n_pruned": sum(t.state == TrialState.PRUNED for t in trials),
-            "study/n_failed": sum(t.state == TrialState.FAIL and counts(t) for t in trials),
-        }
+        own = {}
         if trial.state == TrialState.COMPLETE and trial.value is not None:
-            metrics["study/value"] = trial.value
-        if upto:
-            metrics["study/best_value"] = max(upto) if self.maximize else min(upto)
+            own["study/value"] = trial.value
         if steps is not None:
-            metrics["study/trial_env_steps"] = float(steps)
-        self.parent.log_metrics(metrics, trial.number)
+            own["study/trial_env_steps"] = float(steps)
+        if own:
+            self.parent.log_metrics(own, trial.number)
+        log_counts(self.parent, trials, self.maximize)
+
+
+def log_counts(parent: ParentRun, trials: list[FrozenTrial], maximize: bool) -> None:
+    """The study's counts and best value so far, at step = trials counted (see above)."""
+    counted = [t for t in trials if counts(t)]
+    values = [t.value for t in counted if t.state == TrialState.COMPLETE and t.value is not None]
+    metrics = {
+        "study/n_complete": sum(t.state == TrialState.COMPLETE for t in counted),
+        "study/n_pruned": sum(t.state == TrialState.PRUNED for t in counted),
+        "study/n_failed": sum(t.state == TrialState.FAIL for t in counted),
+    }
+    if values:
+        metrics["study/best_value"] = max(values) if maximize else min(values)
+    parent.log_metrics(metrics, len(counted))
 
 
 def run_worker(ctx: WorkerContext) -> int:
@@ -144,7 +168,7 @@ def run_worker(ctx: WorkerContext) -> int:
     study = open_study(spec, storage_for(spec, ctx.target, on_stale), ctx.worker_index)
     objective = Objective(spec, parent_run_id=ctx.parent_run_id, n_trials=ctx.n_trials)
     parent = runs.parent_logger(uri, ctx.parent_run_id) if uri and ctx.parent_run_id else None
-    callback = StudyMetrics(parent, spec.objective.direction)
+    callback = StudyMetrics(parent, spec.objective.direction, ctx.n_trials, progress(study)[0])
     Worker(study, objective, ctx.population, deadline=ctx.deadline, on_trial_end=callback).run()
     return 0
 
@@ -189,13 +213,15 @@ def base_values(spec: StudySpec) -> dict[str, Any]:
     return values
 
 
-def _spec_params(spec: StudySpec) -> dict[str, Any]:
+def _spec_params(spec: StudySpec, n_trials: int | None) -> dict[str, Any]:
+    """The parent run's params. MLflow params cannot change, so a resumed study keeps the
+    first ``study.n_trials``; the count it runs to now is the ``N_TRIALS_TAG`` tag."""
     o = spec.objective
     params: dict[str, Any] = {
         "study.name": spec.name,
         "study.base": " ".join(spec.base()) or "(defaults)",
         "study.steps": spec.steps,
-        "study.n_trials": spec.n_trials,
+        "study.n_trials": n_trials,
         "study.timeout": spec.timeout,
         "study.sampler": spec.sampler,
         "study.sampler_args": dict(spec.sampler_args),
@@ -264,11 +290,12 @@ def run_study(
             tracking,
             run_name=f"study-{spec.name}",
             existing=study.user_attrs.get(PARENT_ATTR),
-            params=_spec_params(spec),
+            params=_spec_params(spec, n_trials),
             tags={
                 STUDY_TAG: spec.name,
                 ROLE_TAG: "study",
                 STORAGE_TAG: redact(target.storage_url),
+                N_TRIALS_TAG: str(n_trials) if n_trials is not None else "(timeout)",
             },
             texts={"study.yaml": spec.text},
         )
@@ -311,6 +338,11 @@ def run_study(
                 if summary["best_value"] is not None:
                     parent.log_metrics({"study/final_best_value": summary["best_value"]}, 0)
                 parent.set_tags({BEST_TRIAL_TAG: str(summary["best_trial"])})
+                log_counts(
+                    parent,
+                    study.get_trials(deepcopy=False),
+                    spec.objective.direction == "maximize",
+                )
             except Exception as err:
                 log.warning("could not log the study report: %s", err)
             done = progress(study)[0]

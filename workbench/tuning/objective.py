@@ -7,7 +7,8 @@ evaluation of seed j it reports mean/IQM over seeds 0..j of their i-th evaluatio
 ``j * steps + env_step``. Every trial reports at the same steps, so the pruner compares like
 with like; a trial is pruned as soon as its curve (averaged over the seeds seen so far) falls
 behind, which may be during its first seed. A pruned run really stops: the hook raises
-``StopRun`` inside the training loop, which ends that MLflow run KILLED with the reason.
+``StopRun`` inside the training loop, which ends that MLflow run FINISHED with the reason
+and the ``workbench.trial_state`` tag "pruned" (KILLED would show as a failure in the UI).
 
 Scores. Each seed's eval curve is scored (final eval, mean of the last k, best, or area under
 the curve normalised by its span, i.e. the mean return over training) and the seed scores are
@@ -124,7 +125,10 @@ class PruningHook:
             return  # the work is done; pruning now would only throw the result away
         if self.trial.should_prune():
             seed = self.spec.objective.seeds[self.seed_index]
-            raise StopRun(f"pruned at step {step} of seed {seed} (reported {reported:.2f})")
+            # FINISHED, not KILLED: the MLflow UI draws KILLED as it draws FAILED, and a
+            # pruned trial is a study's normal outcome (its state tag says "pruned")
+            reason = f"pruned at step {step} of seed {seed} (reported {reported:.2f})"
+            raise StopRun(reason, status="FINISHED")
 
 
 # ----------------------------------------------------------------------------- objective

@@ -192,10 +192,9 @@ def print_report(
     study: optuna.Study, spec: StudySpec, *, top: int = 15, console: Any = None
 ) -> None:
     """A readable terminal report: summary, best params, importances, top trials."""
-    from rich.console import Console
-    from rich.table import Table
+    from workbench import display
 
-    console = console or Console()
+    console = console or display.console()
     s = summarize(study, spec)
     states = ", ".join(f"{n} {k}" for k, n in sorted(s["states"].items()))
     console.print(
@@ -205,7 +204,7 @@ def print_report(
     if s["best_trial"] is None:
         console.print("no completed trial yet")
         return
-    best = Table(title=f"best: trial {s['best_trial']}, value {_fmt(s['best_value'])}")
+    best = display.table(f"best: trial {s['best_trial']}, value {_fmt(s['best_value'])}")
     best.add_column("parameter")
     best.add_column("value", justify="right")
     if s["importances"]:
@@ -221,7 +220,7 @@ def print_report(
         key=lambda r: (r["value"] is None, -(r["value"] or 0) if maximize else (r["value"] or 0)),
     )[:top]
     params = sorted({k for r in ranked for k in r if k.startswith("params_")})
-    t = Table(title=f"top {len(ranked)} trials")
+    t = display.table(f"top {len(ranked)} trials")
     for col in ("#", "state", "value", "env steps", *[p.removeprefix("params_") for p in params]):
         t.add_column(col, justify="right" if col != "state" else "left", overflow="fold")
     for r in ranked:

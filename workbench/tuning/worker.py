@@ -184,6 +184,10 @@ class Worker:
                 raise
             if t.tracker.run_id is not None:
                 trial.set_user_attr(MLFLOW_RUN, t.tracker.run_id)
+            seeds = ",".join(str(c.seed) for c in t.configs)
+            log.info(
+                "trial %d started: %s (seed %s)", trial.number, " ".join(t.sampled) or "-", seeds
+            )
             return self._member(t)
         return None
 
@@ -209,6 +213,11 @@ class Worker:
         the next in this slot (if it fits this population; else it waits for the next)."""
         t = self.trials.pop(id(member))
         err = member.error
+        if isinstance(err, StopRun) and member.tracker is not None:
+            try:  # the seed run says it was pruned, as its trial run does
+                member.tracker.set_tags({TRIAL_STATE_TAG: "pruned"})
+            except TrackingError as tag_err:
+                log.warning("could not tag trial %d pruned: %s", t.trial.number, tag_err)
         if err is None and result is not None and result.status == "FINISHED":
             obj = self.spec.objective
             t.env_steps += result.steps
