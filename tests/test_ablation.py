@@ -140,12 +140,16 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path):
         (r.data.tags["workbench.variant"], r.data.tags["workbench.seed"]) for r in children
     )
     assert pairs == [("ddpg", "0"), ("ddpg", "1"), ("twin", "0"), ("twin", "1")]
-    # the parent run holds the same four files, byte for byte, and the IQMs as metrics
+    # the parent run holds the same files, byte for byte, the IQMs as one image and as tags
     logged = Path(client.download_artifacts(parent[0].info.run_id, "report", str(tmp_path)))
-    for name in ("report.md", "summary.csv", "iqm.png", "curves.png"):
+    for name in ("report.md", "report.html", "summary.csv", "iqm.png", "curves.png"):
         assert (logged / name).read_bytes() == (out / name).read_bytes(), name
     for variant, row in rows.items():
-        assert parent[0].data.metrics[f"iqm/{variant}"] == pytest.approx(float(row["iqm"]))
+        text = parent[0].data.tags[f"workbench.iqm.{variant}"]
+        assert text.startswith(f"{float(row['iqm']):.1f} [") and text.endswith("(n=2)")
+    images = [a.path for a in client.list_artifacts(parent[0].info.run_id, "images")]
+    assert any(p.startswith("images/ablation~iqm+step+4+") for p in images), images
+    assert not [k for k in parent[0].data.metrics if k.startswith("iqm/")]
 
     # re-run with one more seed: the four finished runs are reused, only seed 2 runs
     client.set_terminated(children[0].info.run_id, "KILLED")  # and a killed one is redone

@@ -58,6 +58,8 @@ BEST_TRIAL_TAG = "workbench.best_trial"
 ABLATION_TAG = "workbench.ablation"
 VARIANT_TAG = "workbench.variant"
 DESCRIPTION_TAG = "workbench.description"
+IQM_TAG_PREFIX = "workbench.iqm."  # + variant: an ablation parent's "IQM [95% CI] (n=N)"
+BEST_VARIANT_TAG = "workbench.best_variant"  # the ablation variant with the highest IQM
 
 
 # ----------------------------------------------------------------------------- git
