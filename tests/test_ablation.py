@@ -39,6 +39,7 @@ def _tiny(tmp_path, *, seeds="[0, 1]", extra=""):
         tmp_path,
         f"""
         name: tiny
+        description: does a twin critic help?
         base: {TINY}
         steps: 400
         seeds: {seeds}
@@ -130,6 +131,7 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("ablation-tiny")
+    assert exp.tags["mlflow.note.content"] == "does a twin critic help?"  # the UI shows it
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.data.tags.get("workbench.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("workbench.role") == "child"]

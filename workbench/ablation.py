@@ -39,6 +39,7 @@ from workbench.specfile import Problems, compose_error_text, parse_yaml, read_sp
 from workbench.tracking import (
     ParentRun,
     RunRecord,
+    describe_experiment,
     ends_run,
     metric_history,
     probe_store,
@@ -410,6 +411,8 @@ def run_ablation(
         params=spec.as_params(),
         tags={ABLATION_TAG: spec.name, ROLE_TAG: "parent", DESCRIPTION_TAG: spec.description},
     )
+    if problem := describe_experiment(uri, parent.run_id, spec.description):
+        log.warning("could not set the experiment's description: %s", problem)
     with ends_run(parent, reason=_parent_reason) as ending:
         if spec.path is not None:
             parent.log_artifact(spec.path, "spec")

@@ -34,7 +34,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
     from workbench import ablation
     from workbench.specfile import SpecError
-    from workbench.tracking import TrackingError
+    from workbench.tracking import TrackingError, resolve_uri, runs_view_line
 
     if args.population < 1:
         print(f"workbench: --population={args.population}: must be >= 1", file=sys.stderr)
@@ -65,4 +65,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     )
     for job in result.failed:
         console.print(f"  failed: {job.variant} seed {job.seed}")
+    uri = resolve_uri(spec.tracking_uri, spec.tracking_dir)
+    if link := runs_view_line(uri, result.parent_run_id, spec.tracking_dir):
+        print(link, file=sys.stderr)
     return 1 if result.failed else 0

@@ -27,7 +27,7 @@ def _train_task(raw: Any) -> None:
 
     from workbench.checkpoint import CheckpointError, prepare_resume
     from workbench.config import ConfigError, check_env, to_config, validate
-    from workbench.tracking import TrackingError
+    from workbench.tracking import TrackingError, resolve_uri, runs_view_line
     from workbench.tracking.tags import OVERRIDES_TAG, SWEEP_JOB_TAG, SWEEP_TAG
     from workbench.train import Interrupted, train
 
@@ -68,6 +68,9 @@ def _train_task(raw: Any) -> None:
             }
         )
     )
+    uri = resolve_uri(cfg.tracking.uri, cfg.tracking.dir)
+    if link := runs_view_line(uri, result.run_id, cfg.tracking.dir):
+        print(link, file=sys.stderr)
 
 
 def _compose_problem(argv: Sequence[str]) -> str | None:

@@ -51,8 +51,13 @@ def server_env(environ: dict[str, str]) -> dict[str, str]:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from workbench.tracking import embedded_uri, list_experiments, redact
-    from workbench.tracking.ui import runs_view_url, ui_base_url
+    from workbench.tracking import (
+        embedded_uri,
+        list_experiments,
+        redact,
+        runs_view_url,
+        ui_base_url,
+    )
 
     if args.port not in PORTS:
         print(f"workbench: --port={args.port}: must be in 1..65535", file=sys.stderr)
