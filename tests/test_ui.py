@@ -191,3 +191,33 @@ def test_printed_link_opens_the_runs_table_in_a_fresh_chromium(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (tmp_path / "runs.png").stat().st_size > 10_000
+
+
+# ----------------------------------------------------------------------------- ablation report
+
+
+def test_ablation_html_report_carries_its_figures_and_escapes_names(tmp_path):
+    """MLflow's artifact viewer shows markdown as text; the HTML report shows its figures
+    (embedded, so the single file is the whole report) and the spec's words as words."""
+    import base64
+
+    from workbench import ablation
+
+    spec = ablation.AblationSpec(
+        name="a<b", base=[], baseline="ddpg", variants={"ddpg": [], "td3": []}, seeds=[0, 1]
+    )
+    spec.description = "does <twin> & delay matter?"
+    result = ablation.AblationResult(
+        spec, None, 4, 0, [], {"ddpg": [-3.0, -2.0], "td3": [-1.0, 0.0]}, {}
+    )
+    rows = ablation._rows(result)
+    png = tmp_path / "f.png"
+    png.write_bytes(b"\x89PNG\r\n\x1a\nfake")
+    text = ablation._html(result, rows, {"IQM per variant": png, "Learning curves": png})
+    assert (
+        text.count(f'src="data:image/png;base64,{base64.b64encode(png.read_bytes()).decode()}"')
+        == 2
+    )
+    assert "<h1>Ablation: a&lt;b</h1>" in text
+    assert "does &lt;twin&gt; &amp; delay matter?" in text
+    assert "<td>td3</td><td>2</td>" in text and "<td>baseline</td>" in text
