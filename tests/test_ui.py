@@ -221,3 +221,12 @@ def test_ablation_html_report_carries_its_figures_and_escapes_names(tmp_path):
     assert "<h1>Ablation: a&lt;b</h1>" in text
     assert "does &lt;twin&gt; &amp; delay matter?" in text
     assert "<td>td3</td><td>2</td>" in text and "<td>baseline</td>" in text
+
+
+def test_runs_view_line_gives_up_quickly_on_a_dead_server():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    assert runs_view_line(f"http://127.0.0.1:{port}", "0" * 32) is None
+    assert time.monotonic() - start < 10

@@ -14,9 +14,11 @@ from urllib.parse import urlsplit, urlunsplit
 from workbench.tracking.redact import _one_line, redact
 from workbench.tracking.store import _client
 from workbench.tracking.tags import NOTE_TAG
+from workbench.tracking.writer import _call_bounded
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # where `workbench ui` serves by default
 DEFAULT_STORE_DIR = "mlruns"
+LOOKUP_TIMEOUT_S = 5.0
 _WILDCARD_HOSTS = ("0.0.0.0", "::", "[::]", "")
 
 
@@ -62,10 +64,15 @@ def runs_view_line(
     error at the end of finished work)."""
     if not run_id:
         return None
-    try:
-        experiment_id = _client(tracking_uri).get_run(run_id).info.experiment_id
-    except Exception:
+    found: list[str] = []
+
+    def look_up() -> None:
+        found.append(_client(tracking_uri).get_run(run_id).info.experiment_id)
+
+    # MLflow retries a dead server for minutes; a link is worth a few seconds at most
+    if _call_bounded(look_up, LOOKUP_TIMEOUT_S) is not None or not found:
         return None
+    experiment_id = found[0]
     line = f"MLflow UI: {runs_view_url(tracking_uri, experiment_id)}"
     command = ui_command(tracking_uri, store_dir)
     return f"{line} (after `{command}`)" if command else line
