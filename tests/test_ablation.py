@@ -39,6 +39,7 @@ def _tiny(tmp_path, *, seeds="[0, 1]", extra=""):
         tmp_path,
         f"""
         name: tiny
+        description: does a twin critic help?
         base: {TINY}
         steps: 400
         seeds: {seeds}
@@ -130,6 +131,7 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path}/mlruns/mlflow.db")
     exp = client.get_experiment_by_name("ablation-tiny")
+    assert exp.tags["mlflow.note.content"] == "does a twin critic help?"  # the UI shows it
     runs = client.search_runs([exp.experiment_id])
     parent = [r for r in runs if r.data.tags.get("workbench.role") == "parent"]
     children = [r for r in runs if r.data.tags.get("workbench.role") == "child"]
@@ -140,12 +142,16 @@ def test_tiny_ablation_end_to_end_and_resume(tmp_path):
         (r.data.tags["workbench.variant"], r.data.tags["workbench.seed"]) for r in children
     )
     assert pairs == [("ddpg", "0"), ("ddpg", "1"), ("twin", "0"), ("twin", "1")]
-    # the parent run holds the same four files, byte for byte, and the IQMs as metrics
+    # the parent run holds the same files, byte for byte, the IQMs as one image and as tags
     logged = Path(client.download_artifacts(parent[0].info.run_id, "report", str(tmp_path)))
-    for name in ("report.md", "summary.csv", "iqm.png", "curves.png"):
+    for name in ("report.md", "report.html", "summary.csv", "iqm.png", "curves.png"):
         assert (logged / name).read_bytes() == (out / name).read_bytes(), name
     for variant, row in rows.items():
-        assert parent[0].data.metrics[f"iqm/{variant}"] == pytest.approx(float(row["iqm"]))
+        text = parent[0].data.tags[f"workbench.iqm.{variant}"]
+        assert text.startswith(f"{float(row['iqm']):.1f} [") and text.endswith("(n=2)")
+    images = [a.path for a in client.list_artifacts(parent[0].info.run_id, "images")]
+    assert any(p.startswith("images/ablation~iqm+step+4+") for p in images), images
+    assert not [k for k in parent[0].data.metrics if k.startswith("iqm/")]
 
     # re-run with one more seed: the four finished runs are reused, only seed 2 runs
     client.set_terminated(children[0].info.run_id, "KILLED")  # and a killed one is redone

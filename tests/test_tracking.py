@@ -608,29 +608,3 @@ def test_fork_worker_without_end_marks_the_run_failed(shared):
     run = MlflowClient(uri).get_run(run_id)
     assert run.info.status == "FAILED"
     assert run.data.tags[REASON_TAG] == EXIT_REASON
-
-
-def test_workbench_ui_prints_a_link_per_experiment_that_opens_its_runs(
-    tmp_path, monkeypatch, capsys
-):
-    """MLflow 3.17's UI opens on its GenAI view whatever the experiment's kind tag says; the
-    links ``workbench ui`` prints open each experiment on its runs."""
-    import os
-
-    from workbench.cli import main
-
-    tracker = make_tracker(
-        TrackingConfig(dir=str(tmp_path / "mlruns"), experiment="pend"), run_name="r"
-    )
-    tracker.start(params={}, tags={})
-    tracker.end("FINISHED")
-    started = []
-    monkeypatch.setattr(os, "execv", lambda path, cmd: started.append(cmd))
-    assert main(["ui", "--dir", str(tmp_path / "mlruns"), "--port", "5123"]) == 0
-    err = capsys.readouterr().err
-    link = (
-        f"http://127.0.0.1:5123/#/experiments/{tracker.experiment_id}?workflowType=machine_learning"
-    )
-    assert f"pend  {link}" in err
-    (cmd,) = started
-    assert cmd[1] == "ui" and cmd[cmd.index("--host") + 1] == "127.0.0.1"

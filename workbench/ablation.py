@@ -15,8 +15,10 @@ it would be alone, equal to it to float rounding (``ddpg``).
 
 from __future__ import annotations
 
+import base64
 import csv
 import dataclasses
+import html
 import logging
 import math
 from collections.abc import Sequence
@@ -45,6 +47,7 @@ from workbench.specfile import (
 from workbench.tracking import (
     ParentRun,
     RunRecord,
+    describe_experiment,
     ends_run,
     metric_history,
     probe_store,
@@ -53,8 +56,10 @@ from workbench.tracking import (
 )
 from workbench.tracking.tags import (
     ABLATION_TAG,
+    BEST_VARIANT_TAG,
     CONFIG_HASH_TAG,
     DESCRIPTION_TAG,
+    IQM_TAG_PREFIX,
     ROLE_TAG,
     SEED_TAG,
     VARIANT_TAG,
@@ -464,6 +469,8 @@ def run_ablation(
         params=spec.as_params(),
         tags={ABLATION_TAG: spec.name, ROLE_TAG: "parent", DESCRIPTION_TAG: spec.description},
     )
+    if problem := describe_experiment(uri, parent.run_id, spec.description):
+        log.warning("could not set the experiment's description: %s", problem)
     with ends_run(parent, reason=_parent_reason) as ending:
         if spec.path is not None:
             parent.log_artifact(spec.path, "spec")
@@ -606,6 +613,64 @@ def _markdown(result: AblationResult, rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _html(result: AblationResult, rows: list[dict[str, Any]], figures: dict[str, Path]) -> str:
+    """The report as one HTML file with its figures inside (base64): MLflow's artifact viewer
+    shows HTML with its images, while it shows markdown as plain text, image links included."""
+    spec = result.spec
+    head = (
+        "variant",
+        "runs",
+        "IQM [95% CI]",
+        "mean ± std",
+        "median",
+        "P(better than baseline) [95% CI]",
+        "Mann-Whitney p",
+        "verdict",
+    )
+    body = [
+        (
+            r["variant"],
+            str(r["n"]),
+            f"{_f(r['iqm'])} [{_f(r['iqm_ci_low'])}, {_f(r['iqm_ci_high'])}]",
+            f"{_f(r['mean'])} ± {_f(r['std'])}",
+            _f(r["median"]),
+            f"{_f(r['p_improvement'], 2)} [{_f(r['poi_ci_low'], 2)}, {_f(r['poi_ci_high'], 2)}]",
+            _f(r["mwu_p"], 3),
+            r["verdict"],
+        )
+        for r in rows
+    ]
+
+    def cells(tag: str, values: Sequence[str]) -> str:
+        return "".join(f"<{tag}>{html.escape(v)}</{tag}>" for v in values)
+
+    images = "".join(
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,'
+        f'{base64.b64encode(path.read_bytes()).decode("ascii")}"></figure>'
+        for alt, path in figures.items()
+    )
+    base = " ".join(spec.base) or "(defaults)"
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset='utf-8'>"
+        f"<title>Ablation: {html.escape(spec.name)}</title><style>"
+        "body{font-family:sans-serif;margin:1.5em;max-width:60em}"
+        "table{border-collapse:collapse;font-size:.9em}"
+        "td,th{border:1px solid #ccc;padding:.3em .6em}"
+        "td:nth-child(n+2){text-align:right}img{max-width:100%}"
+        "</style></head><body>"
+        f"<h1>Ablation: {html.escape(spec.name)}</h1>"
+        f"<p>{html.escape(spec.description)}</p>"
+        f"<p>Base: <code>{html.escape(base)}</code>; steps: {spec.steps or 'from config'}; "
+        f"seeds: {len(spec.seeds)}; baseline: <b>{html.escape(spec.baseline)}</b>; score: final "
+        "evaluation return (deterministic policy).</p>"
+        f"<table><tr>{cells('th', head)}</tr>"
+        + "".join(f"<tr>{cells('td', row)}</tr>" for row in body)
+        + "</table><p>IQM: interquartile mean over seeds; CIs: percentile bootstrap over seeds. "
+        "P(better): probability that a run of the variant beats a run of the baseline.</p>"
+        f"{images}</body></html>\n"
+    )
+
+
 def print_table(result: AblationResult, rows: list[dict[str, Any]], console: Console) -> None:
     """The summary table, then each variant's verdict on a line of its own (a verdict is a
     sentence: as a column it squeezes the numbers). Fits 80 columns; ``mean ± std`` shows
@@ -640,6 +705,7 @@ def _report(result: AblationResult, parent: ParentRun, out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {
         "markdown": out_dir / "report.md",
+        "html": out_dir / "report.html",
         "csv": out_dir / "summary.csv",
         "iqm": out_dir / "iqm.png",
         "curves": out_dir / "curves.png",
@@ -660,9 +726,21 @@ def _report(result: AblationResult, parent: ParentRun, out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     plt.close("all")
+    figures = {"IQM per variant": files["iqm"], "Learning curves": files["curves"]}
+    files["html"].write_text(_html(result, rows, figures))
     result.files = files
     for path in files.values():
         parent.log_artifact(path, "report")
-    parent.log_metrics(
-        {f"iqm/{r['variant']}": r["iqm"] for r in rows if math.isfinite(r["iqm"])}, step=0
-    )
+    # The variants side by side in one chart of the parent run (MLflow draws a chart per
+    # metric, so IQMs as metrics would be one chart per variant); stepped by the number of
+    # runs it covers, so a re-run with more seeds shows next to the earlier one.
+    parent.log_image(files["iqm"], "ablation/iqm", step=sum(r["n"] for r in rows))
+    parent.set_tags({f"{IQM_TAG_PREFIX}{r['variant']}": _iqm_text(r) for r in rows})
+    best = max((r for r in rows if math.isfinite(r["iqm"])), key=lambda r: r["iqm"], default=None)
+    if best is not None:
+        parent.log_metrics({"ablation/best_iqm": best["iqm"]}, step=0)
+        parent.set_tags({BEST_VARIANT_TAG: best["variant"]})
+
+
+def _iqm_text(row: dict[str, Any]) -> str:
+    return f"{_f(row['iqm'])} [{_f(row['iqm_ci_low'])}, {_f(row['iqm_ci_high'])}] (n={row['n']})"

@@ -76,7 +76,7 @@ def _seeds(text: str | None) -> tuple[int, ...] | None:
 def cmd_ablate(args: argparse.Namespace) -> int:
     from workbench import ablation, display
     from workbench.specfile import QuickLook, SpecError
-    from workbench.tracking import TrackingError
+    from workbench.tracking import TrackingError, resolve_uri, runs_view_line
 
     for flag in ("workers", "population", "steps"):
         _at_least_one(f"--{flag}", getattr(args, flag))
@@ -111,4 +111,7 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     )
     for job in result.failed:
         console.print(f"  failed: {job.variant} seed {job.seed}")
+    uri = resolve_uri(spec.tracking_uri, spec.tracking_dir)
+    if link := runs_view_line(uri, result.parent_run_id, spec.tracking_dir):
+        print(link, file=sys.stderr)
     return 1 if result.failed else 0

@@ -81,10 +81,10 @@ def _train_task(raw: Any) -> None:
 
 def _where(cfg: Any, run_id: str | None) -> str:
     """Where the run is and how to look at it: its name, experiment and artifacts, and the
-    command that opens the MLflow UI on its store (stderr; stdout stays the JSON line)."""
+    link that opens its experiment in the MLflow UI (stderr; stdout stays the JSON line)."""
     from urllib.parse import unquote, urlparse
 
-    from workbench.tracking import redact, resolve_uri, search_runs
+    from workbench.tracking import redact, resolve_uri, runs_view_line, search_runs
 
     t = cfg.tracking
     if run_id is None:
@@ -96,15 +96,13 @@ def _where(cfg: Any, run_id: str | None) -> str:
         return f"run {run_id} in experiment {t.experiment!r} at {redact(uri)}"
     parsed = urlparse(run.artifact_uri)
     artifacts = unquote(parsed.path) if parsed.scheme == "file" else redact(run.artifact_uri)
-    if t.uri:
-        ui = f"workbench ui --uri {redact(t.uri)}"
-    else:
-        ui = "workbench ui" if t.dir == "mlruns" else f"workbench ui --dir {t.dir}"
-    return (
-        f"run {run.run_name} ({run_id}) in experiment {t.experiment!r}\n"
-        f"  artifacts: {artifacts}\n"
-        f"  to look at it: {ui}"
-    )
+    lines = [
+        f"run {run.run_name} ({run_id}) in experiment {t.experiment!r}",
+        f"  artifacts: {artifacts}",
+    ]
+    if link := runs_view_line(uri, run_id, t.dir):
+        lines.append(f"  {link}")
+    return "\n".join(lines)
 
 
 def _swept_keys(argv: Sequence[str]) -> set[str]:

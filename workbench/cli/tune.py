@@ -279,6 +279,7 @@ def _finish(
 ) -> int:
     """Report (files + terminal), then export and re-check if asked; a JSON line last.
     ``written``: the report folder the run just wrote and logged (not written twice)."""
+    from workbench.tracking import runs_view_line
     from workbench.tuning import export, report, run_tree
     from workbench.tuning.study import PARENT_ATTR
 
@@ -326,6 +327,10 @@ def _finish(
         if parent is not None:
             parent.log_artifacts(out_dir, "report")
         result["recheck"] = checked
+    if target.tracking_uri and (
+        link := runs_view_line(target.tracking_uri, parent_id, target.tracking_dir)
+    ):
+        print(link, file=sys.stderr)
     print(json.dumps(result, default=str))
     return 0 if all(c == 0 for c in codes) else 1
 

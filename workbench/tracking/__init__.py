@@ -10,6 +10,8 @@ Everything else hands a ``Tracker`` plain ``dict[str, float]`` at an env step.
               ``RunHandle`` (runs this process did not start), ``make_tracker``
     parent    ``ParentRun``: the parent run of a study or an ablation, created or reopened
     queries   ``search_runs``, ``metric_history``, ``download_artifacts``
+    ui        what the MLflow UI shows: ``runs_view_url`` (every link printed), experiment
+              descriptions
 """
 
 from workbench.tracking.parent import ParentRun
@@ -40,6 +42,13 @@ from workbench.tracking.tags import (
     git_info,
     run_name,
     run_tags,
+)
+from workbench.tracking.ui import (
+    describe_experiment,
+    runs_view_line,
+    runs_view_url,
+    ui_base_url,
+    ui_command,
 )
 from workbench.tracking.writer import (
     EXIT_REASON,
@@ -81,6 +90,7 @@ __all__ = [
     "StopRun",
     "Tracker",
     "TrackingError",
+    "describe_experiment",
     "download_artifacts",
     "driver_url",
     "embedded_uri",
@@ -94,5 +104,9 @@ __all__ = [
     "resolve_uri",
     "run_name",
     "run_tags",
+    "runs_view_line",
+    "runs_view_url",
     "search_runs",
+    "ui_base_url",
+    "ui_command",
 ]

@@ -76,6 +76,9 @@ class ParentRun:
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         self._handle.log_artifacts(local_dir, artifact_path)
 
+    def log_image(self, png: str | Path, key: str, step: int) -> None:
+        self._handle.log_image(png, key, step)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._handle.set_tags(tags)
 

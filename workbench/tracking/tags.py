@@ -60,6 +60,8 @@ N_TRIALS_TAG = "workbench.n_trials"  # the count a study runs to now (--trials, 
 ABLATION_TAG = "workbench.ablation"
 VARIANT_TAG = "workbench.variant"
 DESCRIPTION_TAG = "workbench.description"
+IQM_TAG_PREFIX = "workbench.iqm."  # + variant: an ablation parent's "IQM [95% CI] (n=N)"
+BEST_VARIANT_TAG = "workbench.best_variant"  # the ablation variant with the highest IQM
 
 
 # ----------------------------------------------------------------------------- git

@@ -856,6 +856,19 @@ class RunHandle:
             f"logging {artifact_file}", self._client.log_text, self.run_id, text, artifact_file
         )
 
+    def log_image(self, png: str | Path, key: str, step: int) -> None:
+        """A figure as an MLflow image under ``key``: the run's charts show it, and its
+        newest ``step`` first (a summary: never raises)."""
+        from PIL import Image
+
+        def log() -> None:
+            with Image.open(png) as image:
+                self._client.log_image(
+                    self.run_id, image.convert("RGB"), key=key, step=step, synchronous=True
+                )
+
+        self._try(f"log image {key} to", log)
+
     def set_tags(self, tags: Mapping[str, str]) -> None:
         for k, v in tags.items():
             self._try("tag", self._client.set_tag, self.run_id, k, redact(str(v)))

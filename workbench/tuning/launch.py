@@ -22,7 +22,7 @@ from optuna.trial import FrozenTrial, TrialState
 from workbench import parallel
 from workbench.config import compose, flatten, to_dict
 from workbench.logs import Countdown
-from workbench.tracking import ParentRun, ends_run, redact, resolve_uri
+from workbench.tracking import ParentRun, describe_experiment, ends_run, redact, resolve_uri
 from workbench.tracking.tags import (
     BEST_TRIAL_TAG,
     N_TRIALS_TAG,
@@ -301,6 +301,8 @@ def run_study(
         )
         if study.user_attrs.get(PARENT_ATTR) != parent.run_id:
             study.set_user_attr(PARENT_ATTR, parent.run_id)
+        if problem := describe_experiment(parent.uri, parent.run_id, spec.description):
+            log.warning("could not set the experiment's description: %s", problem)
     deadline = time.time() + timeout if timeout is not None else None
     contexts = [
         WorkerContext(
