@@ -190,7 +190,7 @@ def test_cli_ablate_names_each_failed_run(tmp_path, monkeypatch, capsys):
     spec = ablation.AblationSpec("x", [], "a", {"a": [], "b": []}, [0, 1])
     failed = [ablation.Job("b", 1, (), "hash")]
     result = ablation.AblationResult(spec, "parent", 4, 0, failed, {}, {})
-    monkeypatch.setattr(ablation, "load_spec", lambda path: spec)
+    monkeypatch.setattr(ablation, "load_spec", lambda path, quick=None: spec)
     monkeypatch.setattr(ablation, "run_ablation", lambda spec, **kwargs: result)
     sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own handler
     try:

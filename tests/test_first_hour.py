@@ -316,7 +316,8 @@ def test_a_sweep_names_its_jobs_and_says_where_each_run_is(tmp_path):
         artifacts = run.info.artifact_uri.removeprefix("file://")
         assert f"  artifacts: {artifacts}" in proc.stderr
         assert (tmp_path / "mlruns").resolve().as_posix() in artifacts
-    assert "  to look at it: workbench ui" in proc.stderr
+    assert "  MLflow UI: http://127.0.0.1:5000/#/experiments/" in proc.stderr
+    assert "(after `workbench ui`)" in proc.stderr
     # redirected: no progress bar, no colour codes, no carriage returns, no nan
     for text in (proc.stdout, proc.stderr):
         assert not ANSI.search(text) and "\r" not in text and "nan" not in text
