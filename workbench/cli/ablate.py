@@ -1,6 +1,6 @@
 """``workbench ablate SPEC``: run an ablation spec (variants x seeds) and report.
 
-Exit 2 for a bad spec or option or an unreachable tracking store, 1 when a run failed, else 0.
+Exit 2 for a bad spec or option, 1 when a run failed or the store cannot be used, else 0.
 """
 
 from __future__ import annotations
@@ -33,28 +33,18 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from workbench import ablation
-    from workbench.specfile import SpecError
-    from workbench.tracking import TrackingError
 
     if args.population < 1:
         print(f"workbench: --population={args.population}: must be >= 1", file=sys.stderr)
         return 2
-    try:
-        spec = ablation.load_spec(args.spec)
-    except SpecError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
-    try:
-        result = ablation.run_ablation(
-            spec,
-            workers=args.workers,
-            population=args.population,
-            out_dir=args.out,
-            run=not args.report_only,
-        )
-    except TrackingError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
+    spec = ablation.load_spec(args.spec)
+    result = ablation.run_ablation(
+        spec,
+        workers=args.workers,
+        population=args.population,
+        out_dir=args.out,
+        run=not args.report_only,
+    )
     console = Console()
     if not console.is_terminal:
         console.width = 180

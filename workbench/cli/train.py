@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from workbench.errors import ConfigProblem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,27 +24,39 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
 
 
+class _TaskError(BaseException):
+    """Carries the task's error past Hydra's job runner, which would print "Error executing
+    job with overrides: [...]" (credentials in a tracking.uri included) before raising it."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _train_task(raw: Any) -> None:
-    """Hydra task: validate, train, print a one-line summary."""
+    """Hydra task: the run, its error carried out to ``cmd_train``."""
+    try:
+        _train_and_report(raw)
+    except Exception as err:
+        raise _TaskError(err) from None
+
+
+def _train_and_report(raw: Any) -> None:
+    """Validate, train, print a one-line summary."""
     from hydra.core.hydra_config import HydraConfig
 
-    from workbench.checkpoint import CheckpointError, prepare_resume
-    from workbench.config import ConfigError, check_env, to_config, validate
-    from workbench.tracking import TrackingError
+    from workbench.checkpoint import prepare_resume
+    from workbench.config import check_env, to_config, validate
     from workbench.tracking.tags import OVERRIDES_TAG, SWEEP_JOB_TAG, SWEEP_TAG
     from workbench.train import Interrupted, train
 
     hc = HydraConfig.get()
     state = None
-    try:
-        cfg = to_config(raw)
-        validate(cfg)
-        check_env(cfg)
-        if cfg.resume is not None:
-            cfg, state = prepare_resume(cfg, hc.overrides.task)
-    except (ConfigError, CheckpointError) as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = to_config(raw)
+    validate(cfg)
+    check_env(cfg)
+    if cfg.resume is not None:
+        cfg, state = prepare_resume(cfg, hc.overrides.task)
 
     # a resumed run keeps the overrides it was started with
     tags = {} if state else {OVERRIDES_TAG: " ".join(hc.overrides.task) or "(none)"}
@@ -50,9 +65,6 @@ def _train_task(raw: Any) -> None:
         tags[SWEEP_JOB_TAG] = str(hc.job.num)
     try:
         result = train(cfg, tags=tags, resume_state=state, handle_signals=True)
-    except (TrackingError, CheckpointError) as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     except Interrupted as err:
         print(f"workbench: {err.reason}", file=sys.stderr)
         raise SystemExit(130) from None
@@ -70,7 +82,7 @@ def _train_task(raw: Any) -> None:
     )
 
 
-def _compose_problem(argv: Sequence[str]) -> str | None:
+def _compose_problem(argv: Sequence[str]) -> ConfigProblem | None:
     """Why a plain list of overrides does not compose or validate, in our words (None: fine).
 
     Checked before Hydra starts: Hydra would print its own multi-line text and exit 1 for an
@@ -86,9 +98,9 @@ def _compose_problem(argv: Sequence[str]) -> str | None:
     try:
         compose(argv)
     except ConfigError as err:
-        return str(err)
+        return err
     except Exception as err:
-        return f"invalid overrides: {compose_error_text(err)}"
+        return ConfigProblem(f"invalid overrides: {compose_error_text(err)}")
     return None
 
 
@@ -98,12 +110,21 @@ def cmd_train(argv: Sequence[str]) -> int:
     from workbench.config import conf_dir
 
     if problem := _compose_problem(argv):
-        print(f"workbench: {problem}", file=sys.stderr)
-        return 2
+        raise problem
 
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(
         _train_task
     )
     sys.argv = ["workbench train", *argv]
-    main()
+    # Hydra prints its own (trimmed) traceback for an error in the task or in its own set-up
+    # (an output folder it cannot make) and exits 1; with this it raises the error as it is,
+    # for ``workbench.cli.main`` to say in one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    failed = None
+    try:
+        main()
+    except _TaskError as carrier:
+        failed = carrier.error
+    if failed is not None:  # raised outside the handler: its own cause and context stay
+        raise failed
     return 0

@@ -19,10 +19,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from workbench.tracking import embedded_uri, list_experiments, redact
+    from workbench.tracking import driver_url, embedded_uri, list_experiments, probe_store, redact
 
     store = Path(args.dir).resolve()
-    uri = args.uri or embedded_uri(store)
+    uri = driver_url(args.uri) if args.uri else embedded_uri(store)
+    probe_store(uri, "Default")  # a dead store: one line now, not the server's retries
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     cmd = [mlflow, "ui", "--backend-store-uri", uri, "--host", args.host, "--port", str(args.port)]
     if args.uri is None:
