@@ -19,7 +19,6 @@ the store is bind-mounted read-only onto itself in a private mount namespace
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -128,7 +127,7 @@ def cli(tmp_path, monkeypatch, capsys):
     ],
 )
 def test_train_errors_are_one_line(tmp_path, overrides, code, fragment):
-    got, out, err, seconds = _cli(["train", *overrides, *TINY], tmp_path)
+    got, _, err, seconds = _cli(["train", *overrides, *TINY], tmp_path)
     _assert_one_line(got, err, code, fragment)
     assert seconds < 60
     assert "Error executing job" not in err  # Hydra's line, with every override in it

@@ -118,7 +118,8 @@ def test_no_password_leaves_through_a_live_server(server, tmp_path):
 
     ablation = tmp_path / "ablation.yaml"
     ablation.write_text(
-        "name: secret-ablation\nbaseline: a\nseeds: 1\nsteps: 200\nvariants: {a: [], b: [agent.tau=0.01]}\n"
+        "name: secret-ablation\nbaseline: a\nseeds: 1\nsteps: 200\n"
+        "variants: {a: [], b: [agent.tau=0.01]}\n"
         f"base: {json.dumps(TINY_OVERRIDES)}\n"
         f"tracking: {{uri: '{uri}', dir: '{tmp_path / 'mlruns'}'}}\n"
     )
