@@ -96,7 +96,10 @@ def cli(tmp_path, monkeypatch, capsys):
 
     def run(*args: str) -> tuple[int, str, float]:
         began = time.monotonic()
-        code = main(list(args))
+        try:
+            code = main(list(args))
+        except SystemExit as exit_:  # argparse's refusals
+            code = exit_.code
         return code, capsys.readouterr().err, time.monotonic() - began
 
     yield run
@@ -160,6 +163,7 @@ def _spec(tmp_path: Path, **changes) -> str:
     [
         # config / arguments: 2, naming the file or the key
         (lambda tmp: ["tune", str(tmp / "nope.yaml")], 2, "nope.yaml"),
+        (lambda tmp: ["tune", _spec(tmp), "--workers", "0"], 2, "tune: argument --workers"),
         (lambda tmp: ["ablate", str(tmp / "nope.yaml")], 2, "nope.yaml"),
         (lambda tmp: ["eval", "0123abcd"], 2, "no run 0123abcd"),
         (lambda tmp: ["bench", "--no-e2e", "--sb3", "no", "agent.tau=2"], 2, "agent.tau"),
@@ -176,6 +180,7 @@ def _spec(tmp_path: Path, **changes) -> str:
     ],
     ids=[
         "tune-missing-spec",
+        "tune-bad-argument",
         "ablate-missing-spec",
         "eval-unknown-run",
         "bench-bad-value",

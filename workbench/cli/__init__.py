@@ -26,7 +26,7 @@ import signal
 import sys
 import traceback
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from workbench.cli import ablate, bench, compare, learning_check, train, tune, ui
 from workbench.cli import eval as eval_command
@@ -40,8 +40,18 @@ def _raise_interrupt(signum: int, _frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one ``workbench:`` line (exit 2) like every error."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("workbench").strip()
+        where = f"{command}: " if command else ""
+        print(f"workbench: {where}{message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="workbench", description=__doc__.split("\n\n")[0])
     parser.add_argument(  # taken out of argv before parsing (see main): any position works
         "--debug",
         action="store_true",
