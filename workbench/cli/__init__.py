@@ -32,6 +32,7 @@ from workbench.cli import ablate, bench, compare, learning_check, train, tune, u
 from workbench.cli import eval as eval_command
 from workbench.errors import DEBUG_ENV, debug_requested, explain
 from workbench.logs import setup_logging
+from workbench.tracking.redact import redact
 
 __all__ = ["build_parser", "main"]
 
@@ -90,8 +91,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"workbench: interrupted ({err or 'Ctrl-C'})", file=sys.stderr)
             return 130
     except Exception as err:
-        if debug:
-            traceback.print_exception(err)
+        if debug:  # asked for, and still without credentials
+            print(redact("".join(traceback.format_exception(err))), end="", file=sys.stderr)
         code, line = explain(err)
         print(f"workbench: {line}", file=sys.stderr)
         return code

@@ -26,12 +26,11 @@ from workbench.tracking.redact import _one_line, redact
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-# First use of a fresh db prints "Creating initial MLflow database tables..." and alembic's
-# migration chatter at INFO; none of it is news to the user.
-for _name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+# First use of a fresh db logs alembic's migration chatter at INFO, not news to the user.
+for _name in ("alembic", "alembic.runtime.migration"):
     logging.getLogger(_name).setLevel(logging.WARNING)
-# A failed query is logged there with its traceback and SQL (run ids, paths) before MLflow
-# raises it; the error reaches the user once, in our words (TrackingError).
+# This one says "Creating initial MLflow database tables...", and logs a failed query with
+# its traceback and SQL before MLflow raises it: the error reaches the user once, as ours.
 logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 PROBE_TIMEOUT_S = 5
@@ -40,7 +39,7 @@ LOCK_TIMEOUT_S = 120.0
 # MLflow's HTTP client retries a dead server 7 times with backoff, 120 s per try (~4 min
 # before a call fails). Ours: 4 quick retries (1+2+4+8 s) and 30 s per try, unless the user
 # set them. MLflow also prints "View run ... at: <tracking URI>" when a run ends, with any
-# credentials in that URI; the workbench prints its own (redacted) links instead.
+# credentials in that URI (and a link that opens the UI's GenAI view): off.
 MLFLOW_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
