@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from workbench import seeding
-from workbench.errors import Interrupted
+from workbench.errors import Interrupted, RuntimeFailure
 
 if TYPE_CHECKING:
     from workbench.config import CheckpointConfig, Config
@@ -42,7 +42,7 @@ FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{12})\.pt$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RuntimeFailure):
     """A checkpoint is missing, corrupt or does not match the run being resumed."""
 
 

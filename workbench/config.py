@@ -24,6 +24,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from workbench.errors import ConfigProblem
+
 NOISE_KINDS = ("gaussian", "ou", "param", "none")
 SCHEDULE_KINDS = ("constant", "linear", "exponential", "cosine")
 VECTORIZATION = ("sync", "async")
@@ -34,7 +36,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 ACTIVATION_NAMES = ("relu", "tanh", "elu", "gelu", "silu", "leaky_relu")
 
 
-class ConfigError(ValueError):
+class ConfigError(ConfigProblem):
     """A config value is unusable. The message names each key, its value and what is allowed."""
 
     def __init__(self, problems: list[str]):

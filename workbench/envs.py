@@ -31,6 +31,7 @@ import gymnasium as gym
 import numpy as np
 
 from workbench import seeding
+from workbench.errors import EnvError
 
 _BULLET_MODULE = "pybullet_envs_gymnasium"
 _EXAMPLE_ID = "HalfCheetahBulletEnv-v0"
@@ -247,7 +248,13 @@ def make_env(
         os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
     with silence_stdout(), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        env = gym.make(env_id, **kwargs)
+        try:
+            env = gym.make(env_id, **kwargs)
+        except Exception as err:  # a bad env.kwargs, a missing simulator, ...
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise EnvError(
+                f"env.id={env_id!r} cannot be made with env.kwargs={env_kwargs or {}}: {first}"
+            ) from err
     try:
         _check_spaces(env_id, env)
         if _is_bullet(env):
@@ -263,13 +270,13 @@ def make_env(
 def _check_spaces(env_id: str, env: gym.Env) -> None:
     act, obs = env.action_space, env.observation_space
     if not isinstance(act, gym.spaces.Box):
-        raise ValueError(
+        raise EnvError(
             f"{env_id}: action space is {act}; DDPG/TD3 need a continuous (Box) action space"
         )
     if not (np.all(np.isfinite(act.low)) and np.all(np.isfinite(act.high))):
-        raise ValueError(f"{env_id}: action space {act} must have finite bounds to scale into")
+        raise EnvError(f"{env_id}: action space {act} must have finite bounds to scale into")
     if not isinstance(obs, gym.spaces.Box) or len(obs.shape) != 1:
-        raise ValueError(f"{env_id}: observation space is {obs}; a 1-D Box is required")
+        raise EnvError(f"{env_id}: observation space is {obs}; a 1-D Box is required")
 
 
 def _make_recorded_env(

@@ -35,7 +35,7 @@ from workbench.checkpoint import (
 from workbench.config import Config, check_env, config_hash, flatten, to_dict, validate
 from workbench.ddpg import DDPG, Agent
 from workbench.display import ProgressDisplay
-from workbench.errors import DivergenceError, Interrupted
+from workbench.errors import DeviceError, DivergenceError, Interrupted
 from workbench.evaluate import Evaluator
 from workbench.exploration import Explorer
 from workbench.policy import ARTIFACT_DIR, policy_spec, save_policy
@@ -93,7 +93,7 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={device!r}: CUDA is not available on this machine")
+        raise DeviceError(f"device={device!r}: CUDA is not available here; use device=auto or cpu")
     return torch.device(device)
 
 

@@ -17,8 +17,10 @@ from typing import Any
 
 import yaml
 
+from workbench.errors import ConfigProblem
 
-class SpecError(ValueError):
+
+class SpecError(ConfigProblem):
     """A spec is unusable; lists every problem (key, value, what is allowed)."""
 
     def __init__(self, problems: list[str] | str, source: str = "spec"):

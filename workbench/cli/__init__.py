@@ -11,7 +11,8 @@
     workbench bench [hydra overrides]      update and end-to-end speed, next to SB3 (JSON)
 
 ``train`` hands its arguments to Hydra unchanged, so everything Hydra accepts works there
-(``--cfg job``, ``--help``, ``-m``, ``+experiment=...``).
+(``--cfg job``, ``--help``, ``-m``, ``+experiment=...``), but for ``--debug``: that one, in
+any command, shows the traceback of an error (as does WORKBENCH_DEBUG=1).
 
 One module per command group, each with ``register(sub)`` (its arguments and ``handler``) and
 thin handlers: check the arguments, call the library, print. No library module imports this
@@ -23,13 +24,16 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
 from workbench.cli import ablate, bench, compare, learning_check, train, tune, ui
 from workbench.cli import eval as eval_command
-from workbench.cli.args import SubcommandParser
+from workbench.cli.args import Parser, SubcommandParser
+from workbench.errors import DEBUG_ENV, debug_requested, explain
 from workbench.logs import setup_logging
+from workbench.tracking.redact import redact
 
 __all__ = ["build_parser", "main"]
 
@@ -39,7 +43,12 @@ def _raise_interrupt(signum: int, _frame: Any) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="workbench", description=__doc__.split("\n\n")[0])
+    parser = Parser(prog="workbench", description=__doc__.split("\n\n")[0])
+    parser.add_argument(  # taken out of argv before parsing (see main): any position works
+        "--debug",
+        action="store_true",
+        help=f"show the traceback of an error (or set {DEBUG_ENV}=1)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=SubcommandParser)
     train.register(sub)
     eval_command.register(sub)
@@ -53,21 +62,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Run a command; every error it raises ends here as one ``workbench:`` line and a code
+    (``workbench.errors``): 2 for the user's input, 1 for the machine, 130 for an interrupt.
+    ``--debug`` (anywhere) or WORKBENCH_DEBUG=1 adds the traceback."""
+    debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
     signal.signal(signal.SIGTERM, _raise_interrupt)
     setup_logging()
-    if argv and argv[0] == "train":
-        try:
-            return train.cmd_train(argv[1:])
-        except KeyboardInterrupt:
-            print("workbench: interrupted; the run was marked KILLED", file=sys.stderr)
-            return 130
-    args = build_parser().parse_args(argv)
     try:
-        return args.handler(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt as err:
-        print(f"workbench: interrupted ({err or 'Ctrl-C'})", file=sys.stderr)
-        return 130
+        if argv and argv[0] == "train":
+            try:
+                return train.cmd_train(argv[1:])
+            except KeyboardInterrupt:
+                print("workbench: interrupted; the run was marked KILLED", file=sys.stderr)
+                return 130
+        args = build_parser().parse_args(argv)
+        try:
+            return args.handler(args)
+        except KeyboardInterrupt as err:
+            print(f"workbench: interrupted ({err or 'Ctrl-C'})", file=sys.stderr)
+            return 130
+    except Exception as err:
+        if debug:  # asked for, and still without credentials
+            print(redact("".join(traceback.format_exception(err))), end="", file=sys.stderr)
+        code, line = explain(err)
+        print(f"workbench: {line}", file=sys.stderr)
+        return code

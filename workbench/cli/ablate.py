@@ -1,6 +1,6 @@
 """``workbench ablate SPEC``: run an ablation spec (variants x seeds) and report.
 
-Exit 2 for a bad spec or option or an unreachable tracking store, 1 when a run failed, else 0.
+Exit 2 for a bad spec or option, 1 when a run failed or the store cannot be used, else 0.
 """
 
 from __future__ import annotations
@@ -75,34 +75,26 @@ def _seeds(text: str | None) -> tuple[int, ...] | None:
 
 def cmd_ablate(args: argparse.Namespace) -> int:
     from workbench import ablation, display
-    from workbench.specfile import QuickLook, SpecError
-    from workbench.tracking import TrackingError, resolve_uri, runs_view_line
+    from workbench.specfile import QuickLook
+    from workbench.tracking import resolve_uri, runs_view_line
 
     for flag in ("workers", "population", "steps"):
         _at_least_one(f"--{flag}", getattr(args, flag))
     quick = QuickLook(steps=args.steps, seeds=_seeds(args.seeds), overrides=tuple(args.overrides))
-    try:
-        spec = ablation.load_spec(args.spec, quick)
-    except SpecError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
+    spec = ablation.load_spec(args.spec, quick)
     if quick:
         print(
             f"quick look at {args.spec} as ablation {spec.name!r} (experiment "
             f"{spec.experiment!r}; the full ablation's runs and report are not touched)",
             file=sys.stderr,
         )
-    try:
-        result = ablation.run_ablation(
-            spec,
-            workers=args.workers,
-            population=args.population,
-            out_dir=args.out,
-            run=not args.report_only,
-        )
-    except TrackingError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
+    result = ablation.run_ablation(
+        spec,
+        workers=args.workers,
+        population=args.population,
+        out_dir=args.out,
+        run=not args.report_only,
+    )
     console = display.console()
     ablation.print_table(result, result.rows, console)
     console.print(

@@ -1,13 +1,25 @@
-"""What the subcommands' parsers share: Hydra overrides taken anywhere among the options."""
+"""The command line's parsers: a bad argument is one ``workbench:`` line like every error, and
+Hydra overrides are taken anywhere among a subcommand's options."""
 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 
-class SubcommandParser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one ``workbench:`` line (exit 2) like every error."""
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("workbench").strip()
+        where = f"{command}: " if command else ""
+        print(f"workbench: {where}{message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class SubcommandParser(Parser):
     """A subcommand's parser that takes ``key=value`` overrides before, between and after its
     options. Plain argparse fills a ``nargs="*"`` positional in one run only, so
     ``tune SPEC --steps 2000 agent.tau=0.01`` would leave ``agent.tau=0.01`` unrecognized;

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,25 +38,20 @@ def _positive(text: str) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from workbench.config import ConfigError
     from workbench.speed import run_bench, run_population_bench
 
-    try:
-        if args.population is not None:
-            out = run_population_bench(args.overrides, k=args.population, rounds=args.e2e_rounds)
-        else:
-            out = run_bench(
-                args.overrides,
-                updates=args.updates,
-                rounds=args.rounds,
-                warmup=args.warmup,
-                env_steps=args.env_steps,
-                e2e=not args.no_e2e,
-                e2e_rounds=args.e2e_rounds,
-                sb3=args.sb3,
-            )
-    except ConfigError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
+    if args.population is not None:
+        out = run_population_bench(args.overrides, k=args.population, rounds=args.e2e_rounds)
+    else:
+        out = run_bench(
+            args.overrides,
+            updates=args.updates,
+            rounds=args.rounds,
+            warmup=args.warmup,
+            env_steps=args.env_steps,
+            e2e=not args.no_e2e,
+            e2e_rounds=args.e2e_rounds,
+            sb3=args.sb3,
+        )
     print(json.dumps(out, indent=2))
     return 0

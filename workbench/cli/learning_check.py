@@ -77,6 +77,7 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
     from concurrent.futures import ProcessPoolExecutor
 
     from workbench.config import ConfigError, compose
+    from workbench.errors import ConfigProblem
     from workbench.specfile import compose_error_text
 
     if args.population < 1:
@@ -88,12 +89,10 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
     try:
         for s in seeds:  # every job's config is valid before any starts
             compose([*base, f"seed={s}"])
-    except ConfigError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
+    except ConfigError:
+        raise
     except Exception as err:  # Hydra: an override that does not compose
-        print(f"workbench: invalid overrides: {compose_error_text(err)}", file=sys.stderr)
-        return 2
+        raise ConfigProblem(f"invalid overrides: {compose_error_text(err)}") from None
     t0 = time.perf_counter()
     jobs = [[*base, f"seed={s}"] for s in seeds]
     population = None

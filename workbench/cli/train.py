@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
+
+from workbench.errors import ConfigProblem
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -21,13 +24,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
 
 
+class _TaskError(BaseException):
+    """Carries the task's error past Hydra's job runner, which would print "Error executing
+    job with overrides: [...]" (credentials in a tracking.uri included) before raising it."""
+
+    def __init__(self, error: Exception):
+        super().__init__(str(error))
+        self.error = error
+
+
 def _train_task(raw: Any) -> None:
-    """Hydra task: validate, train, print a one-line summary."""
+    """Hydra task: the run, its error carried out to ``cmd_train``."""
+    try:
+        _train_and_report(raw)
+    except Exception as err:
+        raise _TaskError(err) from None
+
+
+def _train_and_report(raw: Any) -> None:
+    """Validate, train, print a one-line summary."""
     from hydra.core.hydra_config import HydraConfig
 
-    from workbench.checkpoint import CheckpointError, prepare_resume
-    from workbench.config import ConfigError, check_env, override_key, to_config, validate
-    from workbench.tracking import TrackingError
+    from workbench.checkpoint import prepare_resume
+    from workbench.config import check_env, override_key, to_config, validate
     from workbench.tracking.tags import (
         OVERRIDES_TAG,
         SWEEP_JOB_TAG,
@@ -38,15 +57,11 @@ def _train_task(raw: Any) -> None:
 
     hc = HydraConfig.get()
     state = None
-    try:
-        cfg = to_config(raw)
-        validate(cfg)
-        check_env(cfg)
-        if cfg.resume is not None:
-            cfg, state = prepare_resume(cfg, hc.overrides.task)
-    except (ConfigError, CheckpointError) as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
+    cfg = to_config(raw)
+    validate(cfg)
+    check_env(cfg)
+    if cfg.resume is not None:
+        cfg, state = prepare_resume(cfg, hc.overrides.task)
 
     # a resumed run keeps the overrides it was started with
     tags = {} if state else {OVERRIDES_TAG: " ".join(hc.overrides.task) or "(none)"}
@@ -58,9 +73,6 @@ def _train_task(raw: Any) -> None:
             tags[SWEEP_PARAMS_TAG] = " ".join(mine)  # what tells this job from the others
     try:
         result = train(cfg, tags=tags, resume_state=state, handle_signals=True)
-    except (TrackingError, CheckpointError) as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        raise SystemExit(2) from None
     except Interrupted as err:
         print(f"workbench: {err.reason}", file=sys.stderr)
         raise SystemExit(130) from None
@@ -117,7 +129,7 @@ def _swept_keys(argv: Sequence[str]) -> set[str]:
     return {o.key_or_group for o in parsed if o.is_sweep_override()}
 
 
-def _compose_problem(argv: Sequence[str]) -> str | None:
+def _compose_problem(argv: Sequence[str]) -> ConfigProblem | None:
     """Why a plain list of overrides does not compose or validate, in our words (None: fine).
 
     Checked before Hydra starts: Hydra would print its own multi-line text and exit 1 for an
@@ -133,9 +145,9 @@ def _compose_problem(argv: Sequence[str]) -> str | None:
     try:
         compose(argv)
     except ConfigError as err:
-        return str(err)
+        return err
     except Exception as err:
-        return f"invalid overrides: {compose_error_text(err)}"
+        return ConfigProblem(f"invalid overrides: {compose_error_text(err)}")
     return None
 
 
@@ -145,8 +157,7 @@ def cmd_train(argv: Sequence[str]) -> int:
     from workbench.config import conf_dir, search_path_overrides
 
     if problem := _compose_problem(argv):
-        print(f"workbench: {problem}", file=sys.stderr)
-        return 2
+        raise problem
 
     main = hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(
         _train_task
@@ -155,5 +166,15 @@ def cmd_train(argv: Sequence[str]) -> int:
     # override goes next to the user's first one: Hydra's parser takes one run of overrides.
     at = next((i for i, a in enumerate(argv) if "=" in a and not a.startswith("-")), 0)
     sys.argv = ["workbench train", *argv[:at], *search_path_overrides(argv), *argv[at:]]
-    main()
+    # Hydra prints its own (trimmed) traceback for an error in the task or in its own set-up
+    # (an output folder it cannot make) and exits 1; with this it raises the error as it is,
+    # for ``workbench.cli.main`` to say in one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    failed = None
+    try:
+        main()
+    except _TaskError as carrier:
+        failed = carrier.error
+    if failed is not None:  # raised outside the handler: its own cause and context stay
+        raise failed
     return 0

@@ -12,12 +12,15 @@ from __future__ import annotations
 import argparse
 import csv
 import dataclasses
+import errno
 import json
 import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from workbench.errors import ConfigProblem
 
 log = logging.getLogger(__name__)
 
@@ -185,9 +188,7 @@ def _preflight(spec: Any, spec_path: Path, storage: str | None) -> None:
 
 def cmd_tune(args: argparse.Namespace) -> int:
     from workbench.specfile import QuickLook
-    from workbench.tracking import TrackingError
     from workbench.tuning.launch import run_study
-    from workbench.tuning.objective import StudyError
 
     quick = QuickLook(steps=args.steps, overrides=tuple(args.overrides))
     spec = _load(args.spec, args.tracking_uri, quick)
@@ -210,12 +211,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
             report_dir=args.out,
             population=args.population,
         )
-    except TrackingError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 2
-    except StudyError as err:
-        print(f"workbench: {err}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print(
             f"workbench: interrupted; running trials were marked failed (not counted). "
@@ -283,9 +278,7 @@ def _finish(
     from workbench.tuning import export, report, run_tree
     from workbench.tuning.study import PARENT_ATTR
 
-    out_dir = written or report.write_report(
-        study, spec, args.out or report.default_dir(spec, target)
-    )
+    out_dir = written or _write_report(study, spec, args.out or report.default_dir(spec, target))
     report.print_report(study, spec, top=args.top, console=_console())
     parent_id = study.user_attrs.get(PARENT_ATTR)
     parent = (
@@ -293,7 +286,8 @@ def _finish(
         if target.tracking_uri and parent_id
         else None
     )
-    if parent is not None and written is None:  # --report / study-report: the newest wins
+    if parent is not None and written is None and out_dir is not None:
+        # --report / study-report: the newest wins
         try:
             parent.log_artifacts(out_dir, "report")
         except Exception as err:
@@ -307,7 +301,7 @@ def _finish(
         "n_trials": summary["n_trials"],
         "states": summary["states"],
         "env_steps": summary["env_steps"],
-        "report": str(out_dir),
+        "report": str(out_dir) if out_dir else None,
         "parent_run_id": parent_id,
         "worker_exit_codes": codes,
     }
@@ -320,6 +314,8 @@ def _finish(
             study, spec, top_k=args.recheck, n_seeds=args.recheck_seeds, parent_run_id=parent_id
         )
         _print_recheck(checked)
+        if out_dir is None:
+            raise ConfigProblem("--recheck writes recheck.csv: pass --out DIR (writable)")
         with open(out_dir / "recheck.csv", "w", newline="") as f:
             w = csv.DictWriter(f, fieldnames=list(checked[0]) if checked else ["trial"])
             w.writeheader()
@@ -333,6 +329,20 @@ def _finish(
         print(link, file=sys.stderr)
     print(json.dumps(result, default=str))
     return 0 if all(c == 0 for c in codes) else 1
+
+
+def _write_report(study: Any, spec: Any, out_dir: Path) -> Path | None:
+    """The report's files; None where the store is read-only (an archive): the terminal
+    report and the JSON line still come, and --out writes the files elsewhere."""
+    from workbench.tuning import report
+
+    try:
+        return report.write_report(study, spec, out_dir)
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        log.warning("cannot write the report to %s (%s); pass --out DIR", out_dir, err.strerror)
+        return None
 
 
 def _console() -> Any:

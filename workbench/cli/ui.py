@@ -52,8 +52,10 @@ def server_env(environ: dict[str, str]) -> dict[str, str]:
 
 def cmd_ui(args: argparse.Namespace) -> int:
     from workbench.tracking import (
+        driver_url,
         embedded_uri,
         list_experiments,
+        probe_store,
         redact,
         runs_view_url,
         ui_base_url,
@@ -63,7 +65,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
         print(f"workbench: --port={args.port}: must be in 1..65535", file=sys.stderr)
         return 2
     store = Path(args.dir).resolve()
-    uri = args.uri or embedded_uri(store)
+    uri = driver_url(args.uri) if args.uri else embedded_uri(store)
+    probe_store(uri, "Default")  # a dead store: one line now, not the server's retries
     mlflow = shutil.which("mlflow") or str(Path(sys.executable).with_name("mlflow"))
     artifact_root = (store / "artifacts").as_uri() if args.uri is None else None
     cmd = server_command(mlflow, uri, args.host, args.port, artifact_root)

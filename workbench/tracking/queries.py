@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.tracking.redact import _one_line, redact
-from workbench.tracking.store import TrackingError, _client, _sqlite_path, probe_store
+from workbench.tracking.store import TrackingError, _client, _sqlite_path
 
 
 @dataclass
@@ -102,7 +102,6 @@ def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> 
     db = _sqlite_path(uri)
     if db is not None and not db.exists():
         raise ValueError(f"no run {run_id} in {redact(uri)} (the store does not exist)")
-    probe_store(uri, "Default")
     client = _client(uri)
     try:
         client.get_run(run_id)

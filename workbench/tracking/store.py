@@ -9,6 +9,7 @@ First use of a fresh sqlite db is guarded by a file lock: concurrent migrations 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import sys
@@ -19,22 +20,42 @@ from urllib.parse import urlparse
 from filelock import FileLock
 from filelock import Timeout as FileLockTimeout
 
+from workbench.errors import RuntimeFailure
 from workbench.tracking.redact import _one_line, redact
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
 
-# First use of a fresh db prints "Creating initial MLflow database tables..." and alembic's
-# migration chatter at INFO; none of it is news to the user.
-for _name in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+# First use of a fresh db logs alembic's migration chatter at INFO, not news to the user.
+for _name in ("alembic", "alembic.runtime.migration"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+# This one says "Creating initial MLflow database tables...", and logs a failed query with
+# its traceback and SQL before MLflow raises it: the error reaches the user once, as ours.
+logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
 
 PROBE_TIMEOUT_S = 5
 LOCK_TIMEOUT_S = 120.0
 
+# MLflow's HTTP client retries a dead server 7 times with backoff, 120 s per try (~4 min
+# before a call fails). Ours: 4 quick retries (1+2+4+8 s) and 30 s per try, unless the user
+# set them. MLflow also prints "View run ... at: <tracking URI>" when a run ends, with any
+# credentials in that URI (and a link that opens the UI's GenAI view): off.
+MLFLOW_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # a bar per download, on stderr
+}
+for _key, _value in MLFLOW_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
+os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
 
-class TrackingError(RuntimeError):
+
+class TrackingError(RuntimeFailure):
     """The tracking store cannot be used; the message says which (redacted) URI and why."""
+
+
+REACH_HINT = "is it running? Or point tracking.uri (or MLFLOW_TRACKING_URI) at one that is"
 
 
 def embedded_uri(store_dir: str | Path) -> str:
@@ -93,7 +114,8 @@ def _probe_http(uri: str, experiment: str) -> None:
         )
     except Exception as err:
         raise TrackingError(
-            f"cannot reach the MLflow tracking server {redact(uri)}: {_one_line(err)}"
+            f"cannot reach the MLflow tracking server {redact(uri)}: {_one_line(err)}; "
+            + REACH_HINT
         ) from None
     if resp.status_code in (401, 403):
         raise TrackingError(
@@ -138,7 +160,7 @@ def _probe_database(uri: str) -> None:
     except Exception as err:
         orig = getattr(err, "orig", None) or err
         raise TrackingError(
-            f"cannot reach the MLflow database {redact(uri)}: {_one_line(orig)}"
+            f"cannot reach the MLflow database {redact(uri)}: {_one_line(orig)}; " + REACH_HINT
         ) from None
     finally:
         engine.dispose()
@@ -173,17 +195,24 @@ def _store_lock(uri: str):
             "is another process stuck creating the store?"
         ) from None
     except OSError as err:
-        raise TrackingError(f"cannot open the MLflow store {redact(uri)}: {err}") from None
+        # a read-only store or archive: nobody migrates it, so there is nothing to guard
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) or not db.is_file():
+            raise TrackingError(f"cannot open the MLflow store {redact(uri)}: {err}") from None
+        lock = None
     try:
         yield
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
-def _client(uri: str) -> MlflowClient:
-    """An MlflowClient; constructing it opens (and on first use, migrates) the store."""
+def _client(uri: str, *, probe: bool = True) -> MlflowClient:
+    """An MlflowClient; constructing it opens (and on first use, migrates) the store.
+    ``probe``: first one quick request, so that a dead server or database fails in seconds."""
     from mlflow.tracking import MlflowClient
 
+    if probe:
+        probe_store(uri, "Default")
     with _store_lock(uri):
         try:
             return MlflowClient(tracking_uri=uri)

@@ -131,6 +131,45 @@ def _param_batches(params: Mapping[str, Any]) -> list[list[Param]]:
     return [items[i : i + MAX_PARAMS_PER_BATCH] for i in range(0, len(items), MAX_PARAMS_PER_BATCH)]
 
 
+_TEXT_LIMIT = 4 << 20  # bigger files (videos, weights) are not text worth scanning
+
+
+def _secret_free_text(path: Path) -> str | None:
+    """The redacted text of a small text file that holds credentials; None for any other."""
+    try:
+        if path.stat().st_size > _TEXT_LIMIT:
+            return None
+        text = path.read_bytes().decode("utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
+    cleaned = redact(text)
+    return cleaned if cleaned != text else None
+
+
+@contextlib.contextmanager
+def _without_secrets(local: Path) -> Any:
+    """``local`` (file or folder) as it may be stored: where a text file in it holds a
+    password (a spec or config naming a store by URI), a copy with it redacted."""
+    import shutil
+    import tempfile
+
+    files = [local] if local.is_file() else [p for p in local.rglob("*") if p.is_file()]
+    cleaned = {p: t for p in files if (t := _secret_free_text(p)) is not None}
+    if not cleaned:
+        yield local
+        return
+    with tempfile.TemporaryDirectory(prefix="workbench-redacted-") as tmp:
+        copy = Path(tmp) / local.name
+        if local.is_file():
+            shutil.copy2(local, copy)
+        else:
+            shutil.copytree(local, copy)
+        for path, text in cleaned.items():
+            target = copy if local.is_file() else copy / path.relative_to(local)
+            target.write_text(text, encoding="utf-8")
+        yield copy
+
+
 def _end_tags(status: str, reason: str) -> dict[str, str]:
     """Why a run ended: the reason, and its first line as the run's note in the MLflow UI."""
     first = reason.strip().splitlines()[0] if reason.strip() else reason
@@ -426,7 +465,7 @@ class MlflowTracker:
         if self.run_id is not None:
             raise RuntimeError(f"run {self.run_id} already started")
         probe_store(self.uri, self.experiment)
-        client = _client(self.uri)
+        client = _client(self.uri, probe=False)  # probed just above
         all_tags = self._run_tags(tags)
         if self.resume_run_id is not None:
             run = self._reopen(client)
@@ -740,18 +779,21 @@ class MlflowTracker:
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
         client, run_id = self._require_run()
-        self._wrap(
-            f"logging {local_path}", client.log_artifact, run_id, str(local_path), artifact_path
-        )
+        with _without_secrets(Path(local_path)) as path:
+            self._wrap(
+                f"logging {local_path}", client.log_artifact, run_id, str(path), artifact_path
+            )
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
         client, run_id = self._require_run()
-        self._wrap(
-            f"logging {local_dir}", client.log_artifacts, run_id, str(local_dir), artifact_path
-        )
+        with _without_secrets(Path(local_dir)) as path:
+            self._wrap(
+                f"logging {local_dir}", client.log_artifacts, run_id, str(path), artifact_path
+            )
 
     def log_text(self, text: str, artifact_file: str) -> None:
         client, run_id = self._require_run()
+        text = redact(text)
         self._wrap(f"logging {artifact_file}", client.log_text, run_id, text, artifact_file)
 
     def log_figure(self, fig: Figure, artifact_file: str) -> None:
@@ -834,24 +876,27 @@ class RunHandle:
         )
 
     def log_artifact(self, local_path: str | Path, artifact_path: str | None = None) -> None:
-        self._must(
-            f"logging {local_path}",
-            self._client.log_artifact,
-            self.run_id,
-            str(local_path),
-            artifact_path,
-        )
+        with _without_secrets(Path(local_path)) as path:
+            self._must(
+                f"logging {local_path}",
+                self._client.log_artifact,
+                self.run_id,
+                str(path),
+                artifact_path,
+            )
 
     def log_artifacts(self, local_dir: str | Path, artifact_path: str | None = None) -> None:
-        self._must(
-            f"logging {local_dir}",
-            self._client.log_artifacts,
-            self.run_id,
-            str(local_dir),
-            artifact_path,
-        )
+        with _without_secrets(Path(local_dir)) as path:
+            self._must(
+                f"logging {local_dir}",
+                self._client.log_artifacts,
+                self.run_id,
+                str(path),
+                artifact_path,
+            )
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        text = redact(text)
         self._must(
             f"logging {artifact_file}", self._client.log_text, self.run_id, text, artifact_file
         )

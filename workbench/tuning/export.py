@@ -32,7 +32,7 @@ from workbench.config import (
     to_dict,
     user_conf_dir,
 )
-from workbench.tracking import make_tracker
+from workbench.tracking import make_tracker, redact
 from workbench.train import train
 from workbench.tuning import run_tree as runs
 from workbench.tuning.objective import aggregate, score_curve
@@ -92,7 +92,7 @@ def export_best(study: optuna.Study, spec: StudySpec, out: Path | None = None) -
     body = yaml.safe_dump(defaults, sort_keys=False) + "\n"
     body += yaml.safe_dump(preset_tree(cfg), sort_keys=False, default_flow_style=None)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(header) + "\n" + body)
+    path.write_text(redact("\n".join(header) + "\n" + body))  # a base may name a store
     return path
 
 

@@ -28,6 +28,7 @@ from optuna.trial import TrialState
 
 from workbench import stats
 from workbench.config import Config, ConfigError, compose, config_hash, flatten, to_dict
+from workbench.errors import RuntimeFailure
 from workbench.tracking import (
     NullTracker,
     StopRun,
@@ -54,7 +55,7 @@ from workbench.tuning.study import (
 log = logging.getLogger(__name__)
 
 
-class StudyError(RuntimeError):
+class StudyError(RuntimeFailure):
     """A worker gave up: trials keep breaking for reasons unrelated to their parameters."""
 
 

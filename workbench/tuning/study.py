@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from workbench.errors import RuntimeFailure
 from workbench.tracking import driver_url, redact
 from workbench.tuning.components import component_class
 
@@ -120,13 +121,13 @@ def make_storage(
                 heartbeat_stale_trial_callback=stale,
             )
         except ModuleNotFoundError as err:
-            raise ValueError(
+            raise RuntimeFailure(
                 f"storage {redact(url)}: its database driver is not installed ({err}); "
                 'for PostgreSQL: pip install "workbench[postgres]"'
             ) from None
         except Exception as err:
             msg = " ".join(str(getattr(err, "orig", err)).split())[:300]
-            raise ValueError(f"cannot open the Optuna storage {redact(url)}: {msg}") from None
+            raise RuntimeFailure(f"cannot open the Optuna storage {redact(url)}: {msg}") from None
 
 
 def open_study(
