@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from typing import Any
 
 from workbench.logs import setup_logging
@@ -81,8 +80,7 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
     from workbench.specfile import compose_error_text
 
     if args.population < 1:
-        print(f"workbench: --population={args.population}: must be >= 1", file=sys.stderr)
-        return 2
+        raise ValueError(f"--population={args.population}: must be >= 1")
     default = ",".join(map(str, range(args.population))) if args.population > 1 else "0,1,2"
     seeds = [int(s) for s in (args.seeds or default).split(",")]
     base = [f"+experiment={args.preset}", "progress=false", *args.overrides]

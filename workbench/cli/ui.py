@@ -62,8 +62,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     )
 
     if args.port not in PORTS:
-        print(f"workbench: --port={args.port}: must be in 1..65535", file=sys.stderr)
-        return 2
+        raise ValueError(f"--port={args.port}: must be in 1..65535")
     store = Path(args.dir).resolve()
     uri = driver_url(args.uri) if args.uri else embedded_uri(store)
     probe_store(uri, "Default")  # a dead store: one line now, not the server's retries
