@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 
@@ -11,7 +12,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a logged policy (run id or policy folder)")
     p.add_argument("run", help="MLflow run id, or a local policy/ folder")
     p.add_argument("--episodes", type=int, default=10)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the first episode (default 0); the run's own evaluations draw theirs "
+        "from the run's seed, so returns differ from its eval/final_return_mean",
+    )
     p.add_argument("--video", type=Path, default=None, help="write an mp4 of the first episode")
     p.add_argument("--fps", type=int, default=30)
     p.add_argument("--tracking-uri", default=None, help="default: MLFLOW_TRACKING_URI or mlruns/")
@@ -50,4 +57,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         "video": str(res.video_path) if res.video_path else None,
     }
     print(json.dumps(out, indent=2))
+    print(
+        f"episodes seeded from --seed {args.seed}: not the episodes of the run's final "
+        "evaluation (seeded from the run's seed), so the returns differ from its "
+        "eval/final_return_mean",
+        file=sys.stderr,
+    )
     return 0
