@@ -234,16 +234,20 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_study_finishes
     path = write_spec(tmp_path, spec_dict)
     spec = parse_spec(path.read_text())
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "workbench.cli", "tune", str(path), "--population", str(population)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-    )
+    log = tmp_path / "worker.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "workbench.cli", "tune", str(path)]
+            + ["--population", str(population)],
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+            env=env,
+        )
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 240
         victims: list = []
-        while time.monotonic() < deadline and not victims:
+        seen: list = []
+        while time.monotonic() < deadline and not victims and proc.poll() is None:
             time.sleep(0.2)
             db = tmp_path / "mlruns" / "optuna" / "tiny.db"
             if not db.exists():
@@ -253,9 +257,13 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_study_finishes
             except Exception:
                 continue
             running = [t for t in trials if t.state == TrialState.RUNNING]
+            seen = [(t.number, t.state.name) for t in trials]
             if len(running) == population and all(MLFLOW_RUN in t.user_attrs for t in running):
                 victims = running
-        assert victims, f"{population} trial(s) never ran at once"
+        assert victims, (
+            f"{population} trial(s) never ran at once; worker exit {proc.poll()}, trials seen "
+            f"{seen}; its log ends: {log.read_text()[-2000:]}"
+        )
         proc.send_signal(signal.SIGKILL)
         proc.wait(30)
     finally:
