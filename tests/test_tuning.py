@@ -237,8 +237,15 @@ def test_a_worker_killed_mid_trial_leaves_nothing_running_and_the_study_finishes
     log = tmp_path / "worker.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workbench.cli", "tune", str(path)]
-            + ["--population", str(population)],
+            [
+                sys.executable,
+                "-m",
+                "workbench.cli",
+                "tune",
+                str(path),
+                "--population",
+                f"{population}",
+            ],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             env=env,
