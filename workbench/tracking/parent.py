@@ -79,8 +79,7 @@ class ParentRun:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._handle.set_tags(tags)
 
-    def end(self, status: str, reason: str | None = None) -> None:
+    def end(self, status: str, reason: str | None = None) -> str | None:
         if self._tracker is not None:
-            self._tracker.end(status, reason)
-        else:
-            self._handle.end(status, reason)
+            return self._tracker.end(status, reason)
+        return self._handle.end(status, reason)
