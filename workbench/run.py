@@ -1,7 +1,10 @@
 """One member's run: opened (config checked, envs made, its MLflow run started), then
 started in its slot of the learner and replay storage, stepped by the loop (``train``), and
 ended with its true status: FINISHED, FAILED with the reason, or KILLED (an interrupt, or a
-hook that stops it early). A member's ending is its own; the others go on.
+hook that stops it early). A member's ending is its own; the others go on. Each ending is
+said on stderr as the store has it; one the store could not take (a full disk) is kept in
+the run's lock file, held from its creation to its end, and recorded by the next command
+that looks (``end_abandoned_runs``), which also ends FAILED the runs whose process died.
 """
 
 from __future__ import annotations

@@ -148,8 +148,9 @@ def _train(
             for member in members:  # bad input fails here, member by member, before any trains
                 openings.append(open_run(member, alone=len(members) == 1))
             learner, replay = _population(openings[0], len(members))
-            while openings:
-                runs.append(Run.start(len(runs), openings.pop(0), learner, replay, interrupts))
+            while openings:  # (an opening leaves the list once its run has started)
+                runs.append(Run.start(len(runs), openings[0], learner, replay, interrupts))
+                openings.pop(0)
             slots = list(runs)
             for run in slots:
                 with run.guard():
