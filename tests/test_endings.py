@@ -108,6 +108,31 @@ def test_a_signal_mid_run_ends_it_killed_and_says_so(tmp_path, sig):
     assert err.strip().splitlines()[-1] == f"workbench: {reason}"
 
 
+def test_a_closed_terminal_ends_the_run_killed(tmp_path):
+    """A real hang-up: the terminal the run writes to goes away (writes to it fail from then
+    on), then SIGHUP, as a closed ssh session does. The ending is recorded all the same."""
+    import pty
+
+    master, terminal = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", "train", *TINY, "total_steps=6000"],
+        cwd=tmp_path,
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+    )
+    os.close(terminal)
+    seen, deadline = b"", time.monotonic() + 120
+    while b"step 400: eval return" not in seen and time.monotonic() < deadline:
+        seen += os.read(master, 4096)
+    os.close(master)
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=120) != 0
+    (run,) = _runs(f"sqlite:///{tmp_path}/mlruns/mlflow.db").values()
+    assert run.info.status == "KILLED"
+    assert run.data.tags[REASON_TAG].startswith("interrupted (SIGHUP) at step ")
+
+
 def test_a_signal_right_after_the_run_is_created_ends_it_killed(tmp_path):
     """The run exists from the "MLflow run ... (new)" line on; a signal then, before the loop
     (or in its first steps, on a fast machine), ends it KILLED: never FAILED "process exited
@@ -355,10 +380,12 @@ def test_a_run_without_a_lock_is_judged_by_its_process(store):
     }
 
 
-def test_an_ablation_worker_killed_hard_leaves_no_run_running(tmp_path):
-    """``kill -9`` of an ablation worker training a population of two runs: both children
-    end FAILED ("abandoned") once the ablation is over, and the re-run gives each cell
-    exactly one FINISHED run."""
+@pytest.mark.parametrize("killed", ["worker", "ablation"])
+def test_an_ablation_killed_hard_leaves_no_run_running(tmp_path, killed):
+    """``kill -9`` of an ablation worker training a population of two runs (or of the whole
+    ablation, parent process included): both children end FAILED ("abandoned"), when the
+    ablation ends (the worker alone killed) or when it is run again, and the re-run gives each
+    cell exactly one FINISHED run."""
     from workbench.ablation import load_spec, run_ablation
 
     base = "[" + ", ".join(f"'{o}'" for o in TINY) + "]"
@@ -390,23 +417,32 @@ def test_an_ablation_worker_killed_hard_leaves_no_run_running(tmp_path):
     try:
         pids = _wait_for_locks(tmp_path / "mlruns" / "checkpoints", 2, proc)
         assert len(set(pids)) == 1 and pids[0] != proc.pid  # one worker, both members
-        os.kill(pids[0], signal.SIGKILL)
+        if killed == "worker":
+            os.kill(pids[0], signal.SIGKILL)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
         _, err = proc.communicate(timeout=120)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     uri = f"sqlite:///{tmp_path}/mlruns/mlflow.db"
-    children = {
-        i: r for i, r in _runs(uri, "ablation-kill").items() if "workbench.variant" in r.data.tags
-    }
-    assert len(children) == 2
-    for run in children.values():
-        assert run.info.status == "FAILED", err[-3000:]
-        assert run.data.tags[REASON_TAG].startswith("abandoned: its process (pid ")
-        assert "found by `workbench ablate`" in run.data.tags[REASON_TAG]
+
+    def children():
+        runs = _runs(uri, "ablation-kill")
+        return {i: r for i, r in runs.items() if "workbench.variant" in r.data.tags}
+
+    first = children()
+    assert len(first) == 2
+    ended = "FAILED" if killed == "worker" else "RUNNING"  # nobody left to end them
+    assert {r.info.status for r in first.values()} == {ended}, err[-3000:]
 
     result = run_ablation(load_spec(spec), workers=1, population=2, out_dir=tmp_path / "report")
     assert result.failed == []
+    for run_id in first:
+        run = children()[run_id]
+        assert run.info.status == "FAILED"
+        assert run.data.tags[REASON_TAG].startswith(f"abandoned: its process (pid {pids[0]}) ")
+        assert "found by `workbench ablate`" in run.data.tags[REASON_TAG]
     runs = _runs(uri, "ablation-kill").values()
     assert not [r for r in runs if r.info.status == "RUNNING"]
     finished = [
@@ -416,5 +452,3 @@ def test_an_ablation_worker_killed_hard_leaves_no_run_running(tmp_path):
         (r.data.tags["workbench.variant"], r.data.tags["workbench.seed"]) for r in finished
     )
     assert cells == [("fast", "0"), ("slow", "0")]
-    failed = {i for i, r in _runs(uri, "ablation-kill").items() if r.info.status == "FAILED"}
-    assert failed >= set(children)  # the abandoned runs stay as they ended
