@@ -183,6 +183,30 @@ def test_an_interrupt_while_the_run_is_being_made_ends_it_killed(store, monkeypa
     assert (run.info.status, run.data.tags[REASON_TAG]) == ("KILLED", "interrupted")
 
 
+def test_a_third_signal_does_not_cut_the_ending_short(store):
+    """Ctrl-C, Ctrl-C (stop at once), and a third while the run is being ended: ignored, so
+    the run still ends KILLED (cut short, it would stay RUNNING)."""
+    from workbench.tracking import NullTracker
+
+    class SignalledWhileEnding(NullTracker):
+        def end(self, status="FINISHED", reason=None):
+            os.kill(os.getpid(), signal.SIGINT)
+            return super().end(status, reason)
+
+    class TwoSignals:
+        def on_evaluation(self, step, metrics, agent):
+            if step == 400:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1.2)  # past the second within which a signal counts as the same
+                os.kill(os.getpid(), signal.SIGINT)
+
+    tracker = SignalledWhileEnding()
+    with pytest.raises(KeyboardInterrupt, match="second signal"):
+        train(_cfg(store), tracker, hooks=[TwoSignals()], handle_signals=True)
+    assert tracker.status == "KILLED"
+    assert tracker.reason == "interrupted at step 400"
+
+
 # ----------------------------------------------------------------------------- failures
 
 

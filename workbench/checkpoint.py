@@ -370,7 +370,8 @@ def restore(
 
 class Interrupts:
     """First SIGINT/SIGTERM/SIGHUP: ask the loop to checkpoint and stop (before the loop has
-    started: to stop before training). Second: stop at once.
+    started: to stop before training). Second: stop at once. Later ones are ignored: they
+    would cut short the runs' endings.
 
     Installed only where asked (``workbench train``, ablation workers) and only in the main
     thread, for the whole of training: from opening the runs to closing them, so that no
@@ -387,6 +388,7 @@ class Interrupts:
         self.signum: int | None = None
         self.at = 0.0
         self.training = False  # the loop has started: a checkpoint is worth writing
+        self.stopping = False  # the second signal stopped training: the runs are ending
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> Interrupts:
@@ -406,9 +408,17 @@ class Interrupts:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if self.stopping:  # a third: the runs are being ended; cutting that short loses it
+            log.warning(
+                "%s: still ending the runs (kill -9 stops at once; a later command then "
+                "records them as abandoned)",
+                signal.Signals(signum).name,
+            )
+            return
         if self.signum is not None:
             if time.monotonic() - self.at < self.SAME_INTERRUPT_S:
                 return  # one Ctrl-C reaching us twice: from the terminal and from a parent
+            self.stopping = True
             raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name})")
         self.signum, self.at = signum, time.monotonic()
         name = signal.Signals(signum).name
