@@ -192,11 +192,12 @@ def test_cli_ablate_names_each_failed_run(tmp_path, monkeypatch, capsys):
     result = ablation.AblationResult(spec, "parent", 4, 0, failed, {}, {})
     monkeypatch.setattr(ablation, "load_spec", lambda path, quick=None: spec)
     monkeypatch.setattr(ablation, "run_ablation", lambda spec, **kwargs: result)
-    sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own handler
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}  # main() sets them
     try:
         assert main(["ablate", str(tmp_path / "spec.yaml")]) == 1
     finally:
-        signal.signal(signal.SIGTERM, sigterm)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     out = capsys.readouterr().out
     assert "ran 4, reused 0 finished run(s), 1 failed" in out
     assert "failed: b seed 1" in out

@@ -54,12 +54,14 @@ from workbench.tracking import (
     resolve_uri,
     search_runs,
 )
+from workbench.tracking.status import ABANDONED_REASON
 from workbench.tracking.tags import (
     ABLATION_TAG,
     BEST_VARIANT_TAG,
     CONFIG_HASH_TAG,
     DESCRIPTION_TAG,
     IQM_TAG_PREFIX,
+    REASON_TAG,
     ROLE_TAG,
     SEED_TAG,
     VARIANT_TAG,
@@ -400,19 +402,41 @@ def _finished_children(uri: str, spec: AblationSpec) -> list[RunRecord]:
     )
 
 
+def _children_filter(spec: AblationSpec) -> str:
+    return f"tags.`{ABLATION_TAG}` = '{spec.name}' and tags.`{ROLE_TAG}` = 'child'"
+
+
+def _end_abandoned_children(spec: AblationSpec) -> None:
+    """End FAILED ("abandoned") the children left RUNNING by a worker that died (``kill -9``,
+    out of memory): ``run.end_abandoned_runs``, by the lock each run holds while it trains."""
+    from workbench.run import end_abandoned_runs
+
+    roots = {
+        compose(spec.overrides(v, spec.seeds[0]), validate_config=False).checkpoint.dir
+        for v in spec.variants
+    }
+    end_abandoned_runs(
+        TrackingConfig(uri=spec.tracking_uri, dir=spec.tracking_dir, experiment=spec.experiment),
+        sorted(roots),
+        filter_string=_children_filter(spec),
+        by="`workbench ablate`",
+    )
+
+
 def _unfinished_children(uri: str, spec: AblationSpec) -> dict[tuple[str | None, str | None], str]:
-    """The newest KILLED or abandoned (still RUNNING) child per config hash and seed: a run a
-    worker can continue from its checkpoint instead of starting over."""
+    """The newest KILLED or abandoned (ended FAILED "abandoned", or RUNNING where nothing
+    here can tell) child per config hash and seed: a run a worker can continue from its
+    checkpoint instead of starting over."""
     runs = search_runs(
         uri,
         experiments=[spec.experiment],
-        filter_string=f"tags.`{ABLATION_TAG}` = '{spec.name}' and tags.`{ROLE_TAG}` = 'child'",
+        filter_string=_children_filter(spec),
     )
     newest: dict[tuple[str | None, str | None], str] = {}
     for run in runs:  # MLflow lists the newest first
-        if run.status not in ("KILLED", "RUNNING"):
-            continue
-        newest.setdefault(_key(run), run.run_id)
+        abandoned = run.tags.get(REASON_TAG, "").startswith(ABANDONED_REASON)
+        if run.status in ("KILLED", "RUNNING") or (run.status == "FAILED" and abandoned):
+            newest.setdefault(_key(run), run.run_id)
     return newest
 
 
@@ -475,6 +499,7 @@ def run_ablation(
         if spec.path is not None:
             parent.log_artifact(spec.path, "spec")
         jobs = plan(spec)
+        _end_abandoned_children(spec)  # a worker killed last time left them RUNNING
         done = {_key(r) for r in _finished_children(uri, spec)}
         unfinished = _unfinished_children(uri, spec)
         todo = [
@@ -495,6 +520,7 @@ def run_ablation(
         )
         if run:
             _run_jobs(todo, spec.name, parent.run_id, workers, population)
+            _end_abandoned_children(spec)  # a worker that died now: its runs end here
         else:
             todo = []
         result = _collect(uri, spec, jobs)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import logging
 import os
 import re
@@ -24,6 +25,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -128,35 +130,75 @@ def check_compatible(state: dict[str, Any], expected: dict[str, Any]) -> None:
 
 
 class RunLock:
-    """An exclusive lock on a run's checkpoint folder, held while the run trains.
+    """An exclusive lock on a run's checkpoint folder, held from the run's start to its end.
 
     A run whose process died without ending it (``kill -9``, power loss) stays RUNNING in
     MLflow; its lock died with the process, so resuming can tell such a run from one that is
-    still training (resuming that would give two writers one run).
+    still training (resuming that would give two writers one run), and ``probe`` lets a later
+    command end it (``run.end_abandoned_runs``). The lock file holds the holder's pid and,
+    when the store could not take the run's ending (a full disk), that ending
+    (``record_ending``): space for it is reserved when the lock is taken.
     """
+
+    RESERVED = 4096  # bytes kept for the ending, so it fits on a disk that has since filled
+    WAIT_S = 2.0  # a probe holds the lock for an instant: wait that out before refusing
 
     def __init__(self, directory: Path):
         self.directory = directory
         self.path = directory / ".lock"
         self._fd: int | None = None
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def acquire(self) -> None:
         if self._fd is not None:
             return
         self.directory.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        deadline = time.monotonic() + self.WAIT_S
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() < deadline:
+                    time.sleep(0.05)
+                    continue
+                holder = _read_lock_file(fd).pid or "?"
+                os.close(fd)
+                raise CheckpointError(
+                    f"run {self.directory.name} is still training in another process "
+                    f"(pid {holder}); stop it before resuming"
+                ) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.ftruncate(fd, 0)
+            with contextlib.suppress(OSError):  # where the file system cannot reserve space
+                os.posix_fallocate(fd, 0, self.RESERVED)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except BaseException:
             os.close(fd)
-            raise CheckpointError(
-                f"run {self.directory.name} is still training in another process "
-                f"(pid {holder}); stop it before resuming"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+            raise
         self._fd = fd
+
+    def record_ending(self, status: str, reason: str | None, store_error: str) -> bool:
+        """Keep the ending the store could not take, for the command that records it later
+        (``probe``). False when even that failed."""
+        if self._fd is None:
+            return False
+        record = {"status": status, "reason": reason, "store_error": store_error}
+        data = f"{os.getpid()}\n{json.dumps(record)}\n".encode()
+        if len(data) > self.RESERVED:
+            record["reason"] = (reason or "")[: self.RESERVED // 2]
+            record["store_error"] = store_error[: self.RESERVED // 4]
+            data = f"{os.getpid()}\n{json.dumps(record)}\n".encode()[: self.RESERVED]
+        try:
+            os.pwrite(self._fd, data, 0)
+            os.fsync(self._fd)
+        except OSError:
+            return False
+        return True
 
     def release(self) -> None:
         if self._fd is None:
@@ -170,6 +212,51 @@ class RunLock:
         """Delete the run's checkpoints (a finished run no longer needs them), then unlock."""
         shutil.rmtree(self.directory, ignore_errors=True)
         self.release()
+
+    @staticmethod
+    def probe(directory: Path) -> LockState | None:
+        """Whether the run of ``directory`` is still held by a live process: None when it
+        is or when nothing says (no lock file, or one being created); else what the dead
+        holder left in its lock file. Never waits: a held lock is answered at once."""
+        try:
+            fd = os.open(directory / ".lock", os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                return None  # held: the run is training
+            try:
+                state = _read_lock_file(fd)
+            finally:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+        return state if state.pid else None  # no pid yet: its holder is taking it now
+
+
+@dataclass
+class LockState:
+    """What a run's lock file says: the pid that held it, and the ending the store could
+    not take (``RunLock.record_ending``), if any."""
+
+    pid: str
+    status: str | None = None
+    reason: str | None = None
+    store_error: str | None = None
+
+
+def _read_lock_file(fd: int) -> LockState:
+    text = os.pread(fd, RunLock.RESERVED, 0).split(b"\0", 1)[0].decode(errors="replace")
+    pid, _, rest = text.partition("\n")
+    state = LockState(pid.strip())
+    with contextlib.suppress(ValueError, AttributeError):
+        record = json.loads(rest.strip() or "null")
+        if isinstance(record, dict) and isinstance(record.get("status"), str):
+            state.status, state.reason = record["status"], record.get("reason")
+            state.store_error = record.get("store_error")
+    return state
 
 
 # ----------------------------------------------------------------------------- resume
@@ -282,24 +369,31 @@ def restore(
 
 
 class Interrupts:
-    """First SIGINT/SIGTERM: ask the loop to checkpoint and stop. Second: stop at once.
+    """First SIGINT/SIGTERM/SIGHUP: ask the loop to checkpoint and stop (before the loop has
+    started: to stop before training). Second: stop at once. Later ones are ignored: they
+    would cut short the runs' endings.
 
     Installed only where asked (``workbench train``, ablation workers) and only in the main
-    thread. A signal within a second of the first counts as the same interrupt: a terminal's
-    Ctrl-C reaches a worker both directly and forwarded by its parent (workbench.parallel).
+    thread, for the whole of training: from opening the runs to closing them, so that no
+    signal finds a run half-made. SIGHUP is a closed terminal or ssh session. A signal within
+    a second of the first counts as the same interrupt: a terminal's Ctrl-C reaches a worker
+    both directly and forwarded by its parent (workbench.parallel).
     """
 
     SAME_INTERRUPT_S = 1.0
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
     def __init__(self, enabled: bool):
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.signum: int | None = None
         self.at = 0.0
+        self.training = False  # the loop has started: a checkpoint is worth writing
+        self.stopping = False  # the second signal stopped training: the runs are ending
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> Interrupts:
         if self.enabled:
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            for sig in self.SIGNALS:
                 self._old[sig] = signal.getsignal(sig)
                 signal.signal(sig, self._handle)
         return self
@@ -314,16 +408,35 @@ class Interrupts:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
     def _handle(self, signum: int, _frame: Any) -> None:
+        if self.stopping:  # a third: the runs are being ended; cutting that short loses it
+            log.warning(
+                "%s: still ending the runs (kill -9 stops at once; a later command then "
+                "records them as abandoned)",
+                signal.Signals(signum).name,
+            )
+            return
         if self.signum is not None:
             if time.monotonic() - self.at < self.SAME_INTERRUPT_S:
                 return  # one Ctrl-C reaching us twice: from the terminal and from a parent
+            self.stopping = True
             raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name})")
         self.signum, self.at = signum, time.monotonic()
+        name = signal.Signals(signum).name
+        if not self.training:
+            log.warning("%s: stopping before training starts", name)
+            return
         log.warning(
             "%s: writing a checkpoint at the next episode boundary, then stopping "
             "(send it again to stop at once, without a new checkpoint)",
-            signal.Signals(signum).name,
+            name,
         )
+
+    def check_before_training(self) -> None:
+        """Stop here if a signal came while the runs were being opened; else training starts
+        (a later signal checkpoints first)."""
+        if self.signum is not None:
+            raise Interrupted(f"interrupted ({self.name}) before training started", None)
+        self.training = True
 
     def waited(self, seconds: float) -> bool:
         return self.signum is not None and time.monotonic() - self.at >= seconds
@@ -381,7 +494,7 @@ class Checkpointer:
 
     def write(self, state: dict, step: int, *, exact: bool) -> Path:
         t0 = time.perf_counter()
-        if not self.lock.directory.is_dir():
+        if not list_checkpoints(self.lock.directory):  # the folder exists from the start
             self.on_first(self.lock.directory)
         self.lock.acquire()
         # what was logged up to here is in the store before the checkpoint exists, so a run

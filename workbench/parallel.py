@@ -27,6 +27,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 INTERRUPTED = 130
+# SIGHUP: a closed terminal or ssh session, to the whole process group as Ctrl-C is
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _worker_signals() -> None:
@@ -38,8 +40,8 @@ def _worker_signals() -> None:
         state["seen"] = True
         raise KeyboardInterrupt(f"signal {signal.Signals(signum).name}")
 
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
+    for sig in _SIGNALS:
+        signal.signal(sig, handler)
 
 
 def _entry(target: Callable[..., Any], args: tuple[Any, ...]) -> None:
@@ -91,7 +93,7 @@ def run_processes(
 
     old: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():  # handlers live there only
-        old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.getsignal(s) for s in _SIGNALS}
         for s in old:
             signal.signal(s, on_signal)
     try:

@@ -1,17 +1,23 @@
 """One member's run: opened (config checked, envs made, its MLflow run started), then
 started in its slot of the learner and replay storage, stepped by the loop (``train``), and
 ended with its true status: FINISHED, FAILED with the reason, or KILLED (an interrupt, or a
-hook that stops it early). A member's ending is its own; the others go on.
+hook that stops it early). A member's ending is its own; the others go on. Each ending is
+said on stderr as the store has it; one the store could not take (a full disk) is kept in
+the run's lock file, held from its creation to its end, and recorded by the next command
+that looks (``end_abandoned_runs``), which also ends FAILED the runs whose process died.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
+import socket
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,9 +36,18 @@ from workbench.checkpoint import (
     capture,
     check_compatible,
     checkpoint_dir,
+    list_checkpoints,
     restore,
 )
-from workbench.config import Config, check_env, config_hash, flatten, to_dict, validate
+from workbench.config import (
+    Config,
+    TrackingConfig,
+    check_env,
+    config_hash,
+    flatten,
+    to_dict,
+    validate,
+)
 from workbench.ddpg import DDPG, Agent
 from workbench.display import ProgressDisplay
 from workbench.errors import DeviceError, DivergenceError, Interrupted
@@ -41,9 +56,22 @@ from workbench.exploration import Explorer
 from workbench.policy import ARTIFACT_DIR, policy_spec, save_policy
 from workbench.replay import Batch, ReplayBuffer, ReplayStorage
 from workbench.runstate import RunState
-from workbench.tracking import Ending, NullTracker, Tracker, ends_run, make_tracker
+from workbench.tracking import (
+    Ending,
+    NullTracker,
+    RunHandle,
+    RunRecord,
+    Tracker,
+    ends_run,
+    make_tracker,
+    redact,
+    resolve_uri,
+    search_runs,
+)
+from workbench.tracking.status import ABANDONED_REASON, default_ending
 from workbench.tracking.tags import (
     CHECKPOINT_DIR_TAG,
+    PROCESS_TAG,
     RESUMED_AT_STEP_TAG,
     run_name,
     run_tags,
@@ -125,12 +153,19 @@ class Opening:
     run_key: str  # the MLflow run id (a made-up one when nothing is tracked)
     display: ProgressDisplay
 
-    def abandon(self, reason: str) -> None:
-        """End the run FAILED and free what was opened (its population never started)."""
-        self.tracker.end("FAILED", reason)
+    def abandon(self, err: BaseException) -> None:
+        """End the run as ``err`` ends it (an interrupt: KILLED) and free what was opened:
+        its population never started."""
+        status, reason = default_ending(err)
+        if status == "FAILED":
+            reason = f"its population could not start: {reason}"
+        unrecorded = self.tracker.end(status, reason)
+        _say_ending(
+            self.run_key, status, reason, unrecorded, self.lock, self.cfg.tracking.experiment
+        )
         self.envs.close()
         self.eval_env.close()
-        self.lock.release()
+        _let_go(self.lock, kept=unrecorded is not None, finished=False)
 
 
 def open_run(member: Member, *, alone: bool) -> Opening:
@@ -147,7 +182,8 @@ def open_run(member: Member, *, alone: bool) -> Opening:
     envs = envs_mod.make_vec_env(
         e.id, e.n_envs, vectorization=e.vectorization, seed=cfg.seed, **options
     )
-    eval_env = lock = None
+    eval_env = lock = tracker = None
+    started = False
     try:
         video = "rgb_array" if cfg.eval.video else None
         eval_env = envs_mod.make_env(e.id, render_mode=video, **options)
@@ -165,24 +201,41 @@ def open_run(member: Member, *, alone: bool) -> Opening:
             "obs_dim": int(np.prod(envs.single_observation_space.shape)),
             "action_dim": int(np.prod(envs.single_action_space.shape)),
         }
-        extra_tags = member.tags
+        # which process trains it: a later command tells a dead one by it (``end_abandoned``)
+        extra_tags = {**(member.tags or {}), PROCESS_TAG: f"{socket.gethostname()}:{os.getpid()}"}
         if resume_state is not None:
             check_compatible(dict(resume_state), header)
-            step = str(resume_state["step"])
-            extra_tags = {**(extra_tags or {}), RESUMED_AT_STEP_TAG: step}
+            extra_tags[RESUMED_AT_STEP_TAG] = str(resume_state["step"])
         config_tree = to_dict(cfg)
         config_tree["resume"] = None  # the run's config, not how this process was started
         tracker.start(params=flatten(config_tree), tags=run_tags(cfg, str(device), extra_tags))
+        started = True
+        if lock is None and tracker.run_id is not None:
+            # held from now to the run's end: while it is, the run is alive (``probe``)
+            lock = RunLock(checkpoint_dir(cfg.checkpoint.dir, tracker.run_id))
+            lock.acquire()
         tracker.log_text(OmegaConf.to_yaml(config_tree), "config.yaml")
-    except BaseException:
+    except BaseException as err:
+        unrecorded = None
+        if started and tracker is not None:  # an interrupt or error right after its creation
+            status, reason = default_ending(err)
+            unrecorded = tracker.end(status, reason)
+            _say_ending(tracker.run_id, status, reason, unrecorded, lock, cfg.tracking.experiment)
         envs.close()
         if eval_env is not None:
             eval_env.close()
         if lock is not None:
-            lock.release()
+            _let_go(lock, kept=unrecorded is not None, finished=False)
         raise
     if tracker.run_id is not None:
         log.info("MLflow run %s (%s)", tracker.run_id, "resumed" if resume_state else "new")
+        if member.tracker is None:  # a run of its own (``workbench train``): tidy up after others
+            end_abandoned_runs(
+                cfg.tracking,
+                [cfg.checkpoint.dir],
+                skip={tracker.run_id},
+                by="a later `workbench train` in this experiment",
+            )
     run_key = cfg.resume or tracker.run_id or uuid.uuid4().hex
     return Opening(
         member=member,
@@ -222,6 +275,7 @@ class Run:
     t_loop: float = 0.0  # when the training loop started
     running: bool = True
     handed_on: bool = False  # its slot has been given to the next member (refill)
+    unrecorded: str | None = None  # why the store could not take its ending, if it could not
     _guard: _Guard = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -464,7 +518,7 @@ class Run:
                 raise err
         except BaseException as final:  # err, or the store's error while ending the run
             self.opening.member.error = final
-            self._ended(ending.status, ending.reason)
+            self._ended(ending.status, ending.reason, ending.unrecorded)
             return not isinstance(final, KeyboardInterrupt) or isinstance(final, Interrupted)
 
     def _reason(self, err: BaseException) -> str | None:
@@ -476,14 +530,16 @@ class Run:
     def _end(self, status: str, reason: str | None) -> None:
         """End the run (the loop's own ending: finished)."""
         kept = self.cfg.checkpoint.keep_after_finish
-        if status == "FINISHED" and not kept and self.opening.lock.directory.is_dir():
+        if status == "FINISHED" and not kept and list_checkpoints(self.opening.lock.directory):
             self.tracker.set_tags({CHECKPOINT_DIR_TAG: "(deleted: the run finished)"})
-        self.tracker.end(status, reason)
-        self._ended(status, reason)
+        self._ended(status, reason, self.tracker.end(status, reason))
 
-    def _ended(self, status: str, reason: str | None) -> None:
+    def _ended(self, status: str, reason: str | None, unrecorded: str | None) -> None:
         self.running = False
         self.result.status, self.result.reason = status, reason
+        self.unrecorded = unrecorded
+        o = self.opening
+        _say_ending(o.run_key, status, reason, unrecorded, o.lock, self.cfg.tracking.experiment)
         self._record_result()  # complete when refill() reads it
 
     def close(self) -> None:
@@ -495,10 +551,8 @@ class Run:
         self._record_result()
         o.envs.close()
         o.eval_env.close()
-        if self.result.status == "FINISHED" and not self.cfg.checkpoint.keep_after_finish:
-            o.lock.remove_folder()  # only this run's folder: nothing is left to resume
-        else:
-            o.lock.release()  # an unfinished run keeps its checkpoints to resume
+        finished = self.result.status == "FINISHED" and not self.cfg.checkpoint.keep_after_finish
+        _let_go(o.lock, kept=self.unrecorded is not None, finished=finished)
 
     def _record_result(self) -> None:
         result, state, perf = self.result, self.state, self.result.perf
@@ -513,6 +567,154 @@ class Run:
         perf["final_eval_s"] = self.evaluator.seconds["final"]
         if self.checkpointer.seconds:
             perf["checkpoint_s"] = self.checkpointer.seconds
+
+
+# ----------------------------------------------------------------------------- endings
+
+
+def _say_ending(
+    name: str | None,
+    status: str,
+    reason: str | None,
+    unrecorded: str | None,
+    lock: RunLock | None,
+    experiment: str,
+) -> None:
+    """Say how the run ended, as the store has it; where the store could not take the
+    ending, say so and keep it in the run's lock file for the command that records it."""
+    if unrecorded is None:
+        if status != "FINISHED":
+            level = logging.WARNING if status == "FAILED" else logging.INFO
+            log.log(level, "run %s ended %s: %s", name, status, reason)
+        return
+    kept = lock is not None and lock.record_ending(status, reason, unrecorded)
+    how = f"{status} ({reason})" if reason else status
+    later = (
+        f"records it as kept in {lock.path}"
+        if kept and lock is not None
+        else f"marks it FAILED ({ABANDONED_REASON})"
+    )
+    log.error(
+        "run %s ended %s, but the store could not record that (%s): it shows RUNNING there "
+        "until the next `workbench train` in experiment %r (or a re-run of its ablation) %s",
+        name,
+        how,
+        unrecorded,
+        experiment,
+        later,
+    )
+
+
+def _let_go(lock: RunLock, *, kept: bool, finished: bool) -> None:
+    """Release the run's folder, or remove it where nothing is left in it to use: no
+    checkpoint to resume (or the run finished), and no ending the store still lacks."""
+    if not kept and (finished or not list_checkpoints(lock.directory)):
+        lock.remove_folder()
+    else:
+        lock.release()
+
+
+def end_abandoned_runs(
+    tracking: TrackingConfig,
+    checkpoint_roots: Sequence[str | Path],
+    *,
+    filter_string: str = "",
+    skip: Collection[str] = (),
+    by: str,
+) -> list[str]:
+    """End the runs of ``tracking.experiment`` (matching ``filter_string``) that are RUNNING
+    with no process behind them any more, and return their ids.
+
+    A run holds its lock file (``checkpoint.RunLock``, in ``<root>/<run id>``) from its start
+    to its end, so a free lock means its process died (``kill -9``, out of memory) or could
+    not write its ending to the store (a full disk: the lock file then holds that ending,
+    which is recorded now). A run without a lock file is judged by its process tag on this
+    machine; a run started elsewhere is left as it is. ``by`` names the command, for the
+    reason recorded.
+    """
+    if tracking.backend == "none":
+        return []
+    uri = resolve_uri(tracking.uri, tracking.dir)
+    running = "attributes.status = 'RUNNING'"
+    try:
+        runs = search_runs(
+            uri,
+            experiments=[tracking.experiment],
+            filter_string=f"{running} and {filter_string}" if filter_string else running,
+        )
+    except Exception as err:  # tidying up must not stop the command
+        log.warning("could not look for abandoned runs in %s: %s", redact(uri), _line(err))
+        return []
+    ended = []
+    for run in runs:
+        found = None if run.run_id in skip else _abandoned(run, checkpoint_roots, by)
+        if found is None:
+            continue
+        status, reason, folder = found
+        if RunHandle(uri, run.run_id).end(status, reason) is not None:
+            continue  # said by RunHandle; the next command tries again
+        ended.append(run.run_id)
+        log.warning(
+            "run %s (%s) was left RUNNING: ended %s: %s", run.run_id, run.run_name, status, reason
+        )
+        if folder is not None and not list_checkpoints(folder):
+            shutil.rmtree(folder, ignore_errors=True)  # only its lock file: nothing to resume
+    return ended
+
+
+def _abandoned(
+    run: RunRecord, roots: Sequence[str | Path], by: str
+) -> tuple[str, str, Path | None] | None:
+    """How a RUNNING run whose process is gone should end (status, reason, its folder);
+    None while it may be alive, or where nothing here can tell."""
+    tagged = run.tags.get(CHECKPOINT_DIR_TAG, "")
+    folders = [Path(tagged)] if os.path.isabs(tagged) else []
+    folders += [checkpoint_dir(root, run.run_id) for root in roots]
+    for folder in folders:
+        if not (folder / ".lock").exists():
+            continue
+        state = RunLock.probe(folder)
+        if state is None:
+            return None  # held: it is training
+        if state.status is None:
+            return "FAILED", _abandoned_reason(f"pid {state.pid}", by), folder
+        late = f"recorded by {by}: the store could not be written when the run ended"
+        if state.store_error and state.store_error not in (state.reason or ""):
+            late += f" ({state.store_error})"
+        if state.status == "FINISHED":  # its last metrics or artifacts may be missing too
+            return "FAILED", f"finished, but {late}", folder
+        return state.status, f"{state.reason} ({late})", folder
+    host, _, pid = run.tags.get(PROCESS_TAG, "").rpartition(":")
+    if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+        return "FAILED", _abandoned_reason(f"pid {pid}", by), None
+    return None
+
+
+def _abandoned_reason(process: str, by: str) -> str:
+    return (
+        f"{ABANDONED_REASON}: its process ({process}) ended without ending the run (killed "
+        f"with SIGKILL, out of memory, or the machine stopped); found by {by}"
+    )
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this machine (a zombie does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rpartition(")")[2].split()[:1] != ["Z"]
+
+
+def _line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 class _Guard:

@@ -404,9 +404,9 @@ class TimedTracker:
         with self._clock("flush"):
             self.inner.flush()
 
-    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> str | None:
         with self._clock("end"):
-            self.inner.end(status, reason)
+            return self.inner.end(status, reason)
 
 
 def _ours_end_to_end(cfg: Config) -> dict[str, Any]:

@@ -141,20 +141,24 @@ def _train(
     interrupts = Interrupts(handle_signals)
     openings: list[Opening] = []  # opened, not yet started
     runs: list[Run] = []  # every run started, in order
-    try:
-        for member in members:  # bad input fails here, member by member, before any trains
-            openings.append(open_run(member, alone=len(members) == 1))
-        learner, replay = _population(openings[0], len(members))
-        while openings:
-            runs.append(Run.start(len(runs), openings.pop(0), learner, replay, interrupts))
-        slots = list(runs)
-        for run in slots:
-            with run.guard():
-                run.reset()
-        t_loop = time.perf_counter()
-        for run in slots:
-            run.t_loop = t_loop  # one loop for all: its time starts once every member is in
-        with interrupts:
+    # signals are held from the first run's creation to the last one's close: none finds a
+    # run half-made, and each ending is the run's own (``Interrupts``)
+    with interrupts:
+        try:
+            for member in members:  # bad input fails here, member by member, before any trains
+                openings.append(open_run(member, alone=len(members) == 1))
+            learner, replay = _population(openings[0], len(members))
+            while openings:  # (an opening leaves the list once its run has started)
+                runs.append(Run.start(len(runs), openings[0], learner, replay, interrupts))
+                openings.pop(0)
+            slots = list(runs)
+            for run in slots:
+                with run.guard():
+                    run.reset()
+            interrupts.check_before_training()
+            t_loop = time.perf_counter()
+            for run in slots:
+                run.t_loop = t_loop  # one loop for all: its time starts once every member is in
             while True:
                 if refill is not None:  # the slots whose run ended (or never started)
                     _refill(slots, runs, learner, replay, refill, interrupts)
@@ -162,16 +166,16 @@ def _train(
                 if not live:
                     break
                 _step(live, learner, replay)
-    except BaseException as err:  # Ctrl-C, or an error of the population as a whole
-        for run in runs:
-            if run.running:
-                run.end_by(err)
-        raise
-    finally:
-        for opening in openings:
-            opening.abandon("another member of its population failed to start")
-        for run in runs:
-            run.close()
+        except BaseException as err:  # Ctrl-C, or an error of the population as a whole
+            for run in runs:
+                if run.running:
+                    run.end_by(err)
+            for opening in openings:
+                opening.abandon(err)
+            raise
+        finally:
+            for run in runs:
+                run.close()
     return [run.result for run in runs]
 
 

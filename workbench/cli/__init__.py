@@ -22,6 +22,7 @@ package.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
 import traceback
@@ -66,24 +67,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     (``workbench.errors``): 2 for the user's input, 1 for the machine, 130 for an interrupt.
     ``--debug`` (anywhere) or WORKBENCH_DEBUG=1 adds the traceback."""
     debug, argv = debug_requested(list(sys.argv[1:] if argv is None else argv))
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # SIGHUP: the terminal or ssh session closed
+        signal.signal(sig, _raise_interrupt)
     setup_logging()
     try:
         if argv and argv[0] == "train":
-            try:
-                return train.cmd_train(argv[1:])
-            except KeyboardInterrupt:
-                print("workbench: interrupted; the run was marked KILLED", file=sys.stderr)
-                return 130
+            return train.cmd_train(argv[1:])
         args = build_parser().parse_args(argv)
-        try:
-            return args.handler(args)
-        except KeyboardInterrupt as err:
-            print(f"workbench: interrupted ({err or 'Ctrl-C'})", file=sys.stderr)
-            return 130
+        return args.handler(args)
+    except KeyboardInterrupt as err:  # each run has said how it ended
+        _say(f"workbench: interrupted ({err or 'Ctrl-C'})")
+        return 130
     except Exception as err:
         if debug:  # asked for, and still without credentials
             print(redact("".join(traceback.format_exception(err))), end="", file=sys.stderr)
         code, line = explain(err)
-        print(f"workbench: {line}", file=sys.stderr)
+        _say(f"workbench: {line}")
         return code
+
+
+def _say(line: str) -> None:
+    """The last line, to a terminal that may be gone (SIGHUP): the code still tells."""
+    with contextlib.suppress(OSError):
+        print(line, file=sys.stderr)

@@ -82,10 +82,10 @@ class ParentRun:
     def set_tags(self, tags: Mapping[str, str]) -> None:
         self._handle.set_tags(tags)
 
-    def end(self, status: str, reason: str | None = None) -> None:
+    def end(self, status: str, reason: str | None = None) -> str | None:
         if self._tracker is not None:
-            self._tracker.end(status, reason)
-            return
-        self._handle.end(status, reason)
-        if reason is None:  # a reopened run that ends well: "resumed" no longer says why
-            self._handle.clear_reason()
+            return self._tracker.end(status, reason)
+        error = self._handle.end(status, reason)
+        if reason is None and error is None:  # a reopened run that ends well: "resumed" no
+            self._handle.clear_reason()  # longer says why
+        return error

@@ -3,6 +3,8 @@
 Training, study trials, a study's parent run and an ablation's parent run all end the same
 way: FINISHED when the work is done, KILLED when a person (Ctrl-C) or a pruner stopped it,
 FAILED with the error otherwise, and never left RUNNING. ``ends_run`` says that once.
+Where the store cannot take the ending at that moment (a full disk), ``Ending.unrecorded``
+says why, and a later command records it (``run.end_abandoned_runs``).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from typing import Protocol
 
 STATUSES = ("FINISHED", "FAILED", "KILLED")
 INTERRUPTED_REASON = "interrupted"
+# the reason a later command gives a run whose process died without ending it
+ABANDONED_REASON = "abandoned"
 
 
 def _check_status(status: str) -> None:
@@ -35,7 +39,9 @@ class Endable(Protocol):
 
     def set_tags(self, tags: Mapping[str, str]) -> None: ...
 
-    def end(self, status: str, reason: str | None = None) -> None: ...
+    def end(self, status: str, reason: str | None = None) -> str | None:
+        """End the run; the store's error if it could not take the ending, else None."""
+        ...
 
 
 @dataclass
@@ -46,6 +52,7 @@ class Ending:
     status: str = "FINISHED"
     reason: str | None = None
     error: BaseException | None = None
+    unrecorded: str | None = None  # why the store could not take the ending, if it could not
 
     def set(self, status: str, reason: str | None = None) -> None:
         """End the run as ``status`` (with ``reason``) if the block finishes normally."""
@@ -107,7 +114,7 @@ def ends_run(
                 if extra:
                     run.set_tags(extra)
             finally:
-                run.end(ending.status, ending.reason)
+                ending.unrecorded = run.end(ending.status, ending.reason)
         raise
     if run is not None and finish:
-        run.end(ending.status, ending.reason)
+        ending.unrecorded = run.end(ending.status, ending.reason)

@@ -44,6 +44,7 @@ SWEEP_JOB_TAG = "workbench.sweep_job"
 SWEEP_PARAMS_TAG = "workbench.sweep_params"  # a sweep job's values of the swept keys
 CHECKPOINT_DIR_TAG = "workbench.checkpoint_dir"
 RESUMED_AT_STEP_TAG = "workbench.resumed_at_step"
+PROCESS_TAG = "workbench.process"  # host:pid training the run, to tell a dead one later
 CHECK_TAG = "workbench.check"  # a run started by `workbench check`
 BENCH_TAG = "workbench.bench"  # a run started by `workbench bench`
 

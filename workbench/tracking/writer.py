@@ -89,7 +89,10 @@ class Tracker(Protocol):
 
     def flush(self) -> None: ...
 
-    def end(self, status: str = "FINISHED", reason: str | None = None) -> None: ...
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> str | None:
+        """End the run (never raises on store errors); the store's error if it could not
+        take the ending, else None."""
+        ...
 
 
 _KEY_OK = re.compile(r"^[/\w.\- :]*$")
@@ -231,13 +234,14 @@ class NullTracker:
     def flush(self) -> None:
         pass
 
-    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> str | None:
         _check_status(status)
         if self.status is not None:
-            return
+            return None
         self.status, self.reason = status, reason
         if reason is not None:
             self.tags[REASON_TAG] = reason[:MAX_REASON_LEN]
+        return None
 
 
 # ----------------------------------------------------------------------------- exit hooks
@@ -595,13 +599,14 @@ class MlflowTracker:
             chunk = tag_items[i : i + MAX_PARAMS_PER_BATCH]
             self._client.log_batch(self.run_id, tags=chunk, synchronous=True)
 
-    def end(self, status: str = "FINISHED", reason: str | None = None) -> None:
+    def end(self, status: str = "FINISHED", reason: str | None = None) -> str | None:
         """Flush, record why, mark the run terminated. Never raises on store errors: it runs
-        in ``finally`` blocks and at exit, where an exception would hide the real one."""
+        in ``finally`` blocks and at exit, where an exception would hide the real one; it
+        returns the error instead (None: the store has the ending)."""
         _check_status(status)
         with self._cv:
             if self._ended or self.run_id is None:
-                return
+                return None
             self._ended = self._stopping = True
             self._next_try = 0.0  # the last points go now, even while backing off
             self._cv.notify_all()
@@ -631,6 +636,7 @@ class MlflowTracker:
             log.warning(
                 "could not mark MLflow run %s %s in %s: %s", run_id, status, redact(self.uri), err
             )
+        return err
 
     # -- metrics
 
@@ -918,8 +924,8 @@ class RunHandle:
         for k, v in tags.items():
             self._try("tag", self._client.set_tag, self.run_id, k, redact(str(v)))
 
-    def end(self, status: str, reason: str | None = None) -> None:
-        self._end(self.run_id, status, reason)
+    def end(self, status: str, reason: str | None = None) -> str | None:
+        return self._end(self.run_id, status, reason)
 
     def clear_reason(self) -> None:
         """Drop the reason and the status note a reopened run still has from before."""
@@ -948,7 +954,7 @@ class RunHandle:
             if r.info.status == "RUNNING":
                 self._end(r.info.run_id, status, reason)
 
-    def _end(self, run_id: str, status: str, reason: str | None) -> None:
+    def _end(self, run_id: str, status: str, reason: str | None) -> str | None:
         _check_status(status)
         try:
             if reason:
@@ -957,6 +963,8 @@ class RunHandle:
             self._client.set_terminated(run_id, status)
         except Exception as err:
             log.warning("could not end run %s: %s", run_id, _one_line(err))
+            return _one_line(err)
+        return None
 
 
 def make_tracker(
