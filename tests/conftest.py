@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 
@@ -43,3 +44,13 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _signal_handlers_restored():
+    """``workbench.cli.main`` installs SIGTERM and SIGHUP handlers; in-process calls must not
+    leave them to the tests after."""
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    yield
+    for sig, handler in saved.items():
+        signal.signal(sig, handler)

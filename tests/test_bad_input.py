@@ -18,7 +18,6 @@ and ``tests/test_e2e.py`` (``train`` against an unreachable tracking server or d
 
 from __future__ import annotations
 
-import signal
 import sys
 import textwrap
 import time
@@ -44,7 +43,6 @@ def cli(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
     monkeypatch.setattr(sys, "argv", ["workbench"])  # `train` rewrites it for Hydra
-    sigterm = signal.getsignal(signal.SIGTERM)  # main() installs its own handler
 
     def run(*args: str) -> tuple[int, str]:
         try:
@@ -54,7 +52,6 @@ def cli(tmp_path, monkeypatch, capsys):
         return code, capsys.readouterr().err
 
     yield run
-    signal.signal(signal.SIGTERM, sigterm)
 
 
 def _argv(tmp_path: Path, command: str, payload) -> list[str]:

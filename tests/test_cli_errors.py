@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import stat
 import subprocess
@@ -92,7 +91,6 @@ def cli(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("WORKBENCH_DEBUG", raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     monkeypatch.setattr(sys, "argv", ["workbench"])
-    sigterm = signal.getsignal(signal.SIGTERM)
 
     def run(*args: str) -> tuple[int, str, float]:
         began = time.monotonic()
@@ -103,7 +101,6 @@ def cli(tmp_path, monkeypatch, capsys):
         return code, capsys.readouterr().err, time.monotonic() - began
 
     yield run
-    signal.signal(signal.SIGTERM, sigterm)
 
 
 # ------------------------------------------------------------- train, through Hydra

@@ -17,7 +17,6 @@ Classes covered, each with its cases:
 
 from __future__ import annotations
 
-import signal
 import sys
 import textwrap
 from pathlib import Path
@@ -42,7 +41,6 @@ def cli(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.setattr(sys, "argv", ["workbench"])
-    sigterm = signal.getsignal(signal.SIGTERM)
 
     def run(*args: str) -> tuple[int, str, str]:
         try:
@@ -53,7 +51,6 @@ def cli(tmp_path, monkeypatch, capsys):
         return code, out.out, out.err
 
     yield run
-    signal.signal(signal.SIGTERM, sigterm)
 
 
 def _nothing_created(root: Path) -> None:
