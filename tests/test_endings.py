@@ -270,7 +270,7 @@ def test_an_ending_the_store_cannot_take_is_said_and_recorded_later(
     assert (store[0] / "checkpoints" / run_id / ".lock").exists()  # the ending is kept there
 
     monkeypatch.undo()
-    train(_cfg(store, "total_steps=200"))  # the next run in the experiment
+    train(_cfg(store, "total_steps=300"))  # the next run in the experiment
     old = _runs(store[1])[run_id]
     assert old.info.status == status
     assert old.data.tags[REASON_TAG].startswith(reason)
@@ -330,7 +330,7 @@ def test_a_full_disk_leaves_the_ending_for_the_next_train(tmp_path):
                 "workbench.cli",
                 "train",
                 *TINY,
-                "total_steps=200",
+                "total_steps=300",
                 f"tracking.dir={disk}",
             ],
             cwd=tmp_path,

@@ -31,6 +31,7 @@ from workbench.tuning.study import (
     PARENT_ATTR,
     PRUNE_REASON,
     counts,
+    make_storage,
 )
 from workbench.tuning.worker import Worker
 
@@ -415,3 +416,17 @@ def test_population_refuses_a_search_over_shapes(tmp_path):
     space = {"agent.actor_hidden": {"type": "categorical", "choices": [[16], [32]]}}
     with pytest.raises(SpecError, match=r"space\.agent\.actor_hidden.*sets tensor shapes"):
         check_population(_spec(tmp_path, space=space), source="tiny")
+
+
+def _open_storage(url: str) -> None:
+    make_storage(url, heartbeat_interval=1, grace_period=3)
+
+
+def test_workers_that_open_a_new_storage_together_all_get_it(tmp_path):
+    """Processes opening one new storage at once race to create its tables; none may fail."""
+    import multiprocessing as mp
+
+    for round_ in range(3):
+        url = f"sqlite:///{tmp_path / f'race{round_}.db'}"
+        with mp.get_context("spawn").Pool(4) as pool:
+            pool.map(_open_storage, [url] * 4)

@@ -20,12 +20,14 @@ re-running the command, or a retry, fills the gap and the study ends at exactly 
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import optuna
+import sqlalchemy.exc
 from optuna.trial import FrozenTrial, TrialState
 
 from workbench.errors import RuntimeFailure
@@ -37,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+SCHEMA_RACE_TRIES = 5  # opening a storage whose tables another process is creating
 FAIL_REASON = "workbench.fail_reason"  # user attr: why a trial failed (it counts)
 PRUNE_REASON = "workbench.prune_reason"
 ERROR_ATTR = "workbench.error"  # user attr: broke for a reason unrelated to its params
@@ -113,13 +116,24 @@ def make_storage(
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         try:
-            return optuna.storages.RDBStorage(
-                driver_url(url),
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=heartbeat_interval,
-                grace_period=grace_period,
-                heartbeat_stale_trial_callback=stale,
-            )
+            for attempt in range(SCHEMA_RACE_TRIES):
+                try:
+                    return optuna.storages.RDBStorage(
+                        driver_url(url),
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=grace_period,
+                        heartbeat_stale_trial_callback=stale,
+                    )
+                except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.OperationalError) as err:
+                    # another process is creating the tables of a new storage at this moment
+                    # (workers, or a reader, starting together): once it is done, they are there
+                    raced = isinstance(err, sqlalchemy.exc.IntegrityError) or (
+                        "already exists" in str(err)
+                    )
+                    if not raced or attempt == SCHEMA_RACE_TRIES - 1:
+                        raise
+                    time.sleep(0.5 * (attempt + 1))
         except ModuleNotFoundError as err:
             raise RuntimeFailure(
                 f"storage {redact(url)}: its database driver is not installed ({err}); "
