@@ -30,22 +30,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from tuning_helpers import tiny_spec, write_spec
+from tuning_helpers import TINY_RUN, tiny_spec, write_spec
 
 from workbench.cli import main
 from workbench.errors import DEBUG_HINT, explain
 
-TINY = [
-    "total_steps=300",
-    "agent.learning_starts=100",
-    "agent.actor_hidden=[8]",
-    "agent.critic_hidden=[8]",
-    "agent.batch_size=32",
-    "eval.every=0",
-    "eval.episodes=1",
-    "eval.video=false",
-    "progress=false",
-]
+TINY = TINY_RUN
 FAST_S = 15  # a dead store is said within this, in every command
 
 

@@ -25,21 +25,12 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from tuning_helpers import TINY_OVERRIDES, tiny_spec, write_spec
+from tuning_helpers import TINY_OVERRIDES, TINY_RUN, tiny_spec, write_spec
 
 from workbench.tracking import redact
 
 SECRET = "Pw4SecretZ"
-TINY = [
-    "total_steps=300",
-    "agent.learning_starts=100",
-    "agent.actor_hidden=[8]",
-    "agent.critic_hidden=[8]",
-    "agent.batch_size=32",
-    "eval.every=0",
-    "eval.episodes=1",
-    "progress=false",
-]
+TINY = TINY_RUN
 
 
 def _free_port() -> int:

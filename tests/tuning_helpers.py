@@ -17,6 +17,19 @@ TINY_OVERRIDES = [
     "tracking.save_policy=false",
 ]
 
+# a whole `workbench train` in a few seconds: what the CLI tests run
+TINY_RUN = [
+    "total_steps=300",
+    "agent.learning_starts=100",
+    "agent.actor_hidden=[8]",
+    "agent.critic_hidden=[8]",
+    "agent.batch_size=32",
+    "eval.every=0",
+    "eval.episodes=1",
+    "eval.video=false",
+    "progress=false",
+]
+
 
 def tiny_spec(tmp: Path, name: str = "tiny", **changes: Any) -> dict[str, Any]:
     """A spec dict; ``changes`` replace top-level keys."""
