@@ -330,3 +330,12 @@ def test_training_into_a_read_only_store_is_refused_in_one_line(archive):
     finally:
         undo()
     _assert_one_line(code, err, 1, "writable copy")
+
+
+def test_compare_where_no_store_is_says_so_and_makes_none(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["compare", "--experiment", "pendulum"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("workbench: no MLflow store at ") and err.count("\n") == 1
+    assert not (tmp_path / "mlruns" / "mlflow.db").exists()

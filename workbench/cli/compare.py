@@ -40,9 +40,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from workbench import compare, display
-    from workbench.tracking import resolve_uri
+    from workbench.tracking import require_store, resolve_uri
 
     uri = resolve_uri(args.tracking_uri, "mlruns")
+    require_store(uri)
     runs = compare.select_runs(
         uri,
         experiments=args.experiment,

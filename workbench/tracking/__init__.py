@@ -9,7 +9,7 @@ Everything else hands a ``Tracker`` plain ``dict[str, float]`` at an env step.
     writer    ``Tracker``, ``NullTracker``, ``MlflowTracker`` (batched metrics, exit hooks),
               ``RunHandle`` (runs this process did not start), ``make_tracker``
     parent    ``ParentRun``: the parent run of a study or an ablation, created or reopened
-    queries   ``search_runs``, ``metric_history``, ``download_artifacts``
+    queries   ``search_runs``, ``require_store``, ``metric_history``, ``download_artifacts``
     ui        what the MLflow UI shows: ``runs_view_url`` (every link printed), experiment
               descriptions
 """
@@ -20,6 +20,7 @@ from workbench.tracking.queries import (
     download_artifacts,
     list_experiments,
     metric_history,
+    require_store,
     search_runs,
 )
 from workbench.tracking.redact import redact
@@ -101,6 +102,7 @@ __all__ = [
     "metric_history",
     "probe_store",
     "redact",
+    "require_store",
     "resolve_uri",
     "run_name",
     "run_tags",

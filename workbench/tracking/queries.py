@@ -25,6 +25,17 @@ class RunRecord:
     artifact_uri: str = ""
 
 
+def require_store(uri: str) -> None:
+    """ValueError if ``uri`` is an embedded store that does not exist: a reader must not make
+    an empty one where the user pointed by mistake."""
+    db = _sqlite_path(uri)
+    if db is not None and not db.exists():
+        raise ValueError(
+            f"no MLflow store at {db}: run commands where `workbench train` ran, or pass "
+            "--tracking-uri (or set MLFLOW_TRACKING_URI)"
+        )
+
+
 def list_experiments(uri: str) -> list[tuple[str, str]]:
     """(name, id) of every active experiment in the store, oldest first; [] if it cannot be read."""
     db = _sqlite_path(uri)
