@@ -426,7 +426,7 @@ def test_workers_that_open_a_new_storage_together_all_get_it(tmp_path):
     """Processes opening one new storage at once race to create its tables; none may fail."""
     import multiprocessing as mp
 
-    for round_ in range(3):
-        url = f"sqlite:///{tmp_path / f'race{round_}.db'}"
-        with mp.get_context("spawn").Pool(4) as pool:
-            pool.map(_open_storage, [url] * 4)
+    with mp.get_context("fork").Pool(4) as pool:
+        for round_ in range(3):
+            url = f"sqlite:///{tmp_path / f'race{round_}.db'}"
+            pool.map(_open_storage, [url] * 4, chunksize=1)
