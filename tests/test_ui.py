@@ -180,6 +180,7 @@ def test_workbench_ui_serves_in_seconds_without_warnings(tmp_path):
 # ----------------------------------------------------------------------------- in a browser
 
 
+@pytest.mark.slow  # a browser and a server: ~20 s; `python scripts/check_ui.py` runs it too
 @pytest.mark.skipif(
     not any(shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")),
     reason="needs Chromium (apt-get install chromium)",
