@@ -172,10 +172,6 @@ def _library(err: BaseException) -> tuple[int, str] | None:
             return 1, f"the store is locked ({text}): another process holds it; try again"
         return 1, f"the store cannot be used: {text}"
     module = type(err).__module__
-    if module.startswith("hydra.errors"):  # overrides given with flags (-m) reach Hydra
-        from workbench.specfile import compose_error_text
-
-        return 2, f"invalid overrides: {compose_error_text(err)}"
     if module.startswith(("requests", "urllib3")) and "connection" in type(err).__name__.lower():
         return 1, f"cannot reach the MLflow tracking server: {text}; {STORE_HINT}"
     if module.startswith("mlflow") and type(err).__name__ == "MlflowException":

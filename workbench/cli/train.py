@@ -170,11 +170,17 @@ def cmd_train(argv: Sequence[str]) -> int:
     # (an output folder it cannot make) and exits 1; with this it raises the error as it is,
     # for ``workbench.cli.main`` to say in one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
-    failed = None
+    from hydra.errors import HydraException
+
+    from workbench.specfile import compose_error_text
+
+    failed: Exception | None = None
     try:
         main()
     except _TaskError as carrier:
         failed = carrier.error
+    except HydraException as err:  # overrides given with flags (-m) reach Hydra itself
+        failed = ConfigProblem(f"invalid overrides: {compose_error_text(err)}")
     if failed is not None:  # raised outside the handler: its own cause and context stay
         raise failed
     return 0
