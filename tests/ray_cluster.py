@@ -1,0 +1,279 @@
+"""A two-node Ray cluster, an MLflow server with its artifact proxy and a PostgreSQL server,
+all on 127.0.0.1, and the workbench commands run against them as a user would; what came of
+it is written as JSON for ``tests/test_ray.py`` to check.
+
+Run inside a private network namespace, where 127.0.0.1 is the only address (Ray binds to the
+machine's outward address even when told 127.0.0.1):
+
+    unshare -n bash -c 'ip link set lo up; python tests/ray_cluster.py WORKDIR'
+
+Each node has 1 CPU and a custom resource (node_a, node_b), so two one-CPU tasks land one
+on each. Scenarios, in order: an ablation with the embedded sqlite store (refused: the
+cluster has two nodes), a 4-trial study with 2 workers (PostgreSQL storage), a 2 x 2 ablation
+during which node_b is removed while it trains a cell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import traceback
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+MLFLOW = "http://127.0.0.1:5000"
+TINY = [
+    "env=pendulum",
+    "agent.actor_hidden=[8]",
+    "agent.critic_hidden=[8]",
+    "agent.batch_size=32",
+    "agent.learning_starts=100",
+    "eval.every=200",
+    "eval.episodes=1",
+    "eval.video=false",
+    "tracking.log_every=100",
+    "tracking.save_policy=false",
+]
+RAY_NODE_TAG = "workbench.ray.node"
+
+
+def say(*parts: Any) -> None:
+    print(f"[ray_cluster {time.strftime('%H:%M:%S')}]", *parts, file=sys.stderr, flush=True)
+
+
+def start_mlflow(work: Path) -> subprocess.Popen:
+    log = (work / "mlflow.log").open("w")
+    return subprocess.Popen(
+        [
+            *[sys.executable, "-m", "mlflow", "server"],
+            *["--backend-store-uri", f"sqlite:///{work / 'server.db'}"],
+            *["--serve-artifacts", "--artifacts-destination", str(work / "artifacts")],
+            *["--host", "127.0.0.1", "--port", "5000", "--workers", "1"],
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def wait_http(url: str, timeout: float) -> None:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer in {timeout} s")
+
+
+def pg_bin() -> Path | None:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+    if found := shutil.which("pg_ctl"):
+        candidates.append(Path(found).parent)
+    return next((c for c in candidates if (c / "initdb").is_file()), None)
+
+
+class Postgres:
+    """A throwaway PostgreSQL on 127.0.0.1:5432 (as the postgres user when run as root)."""
+
+    def __init__(self, work: Path):
+        self.bin, self.data = pg_bin(), work / "pg"
+        self.run_as = []
+        if os.geteuid() == 0:
+            self.run_as = ["runuser", "-u", "postgres", "--"]
+
+    def start(self) -> str | None:
+        if self.bin is None:
+            return None
+        self.data.mkdir()
+        if self.run_as:
+            user = pwd.getpwnam("postgres")
+            os.chown(self.data, user.pw_uid, user.pw_gid)
+        db = str(self.data / "db")
+        initdb = [str(self.bin / "initdb"), "-D", db, "-A", "trust", "-U", "postgres", "--no-sync"]
+        subprocess.run([*self.run_as, *initdb], check=True, capture_output=True)
+        opts = f"-p 5432 -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=off"
+        start = [str(self.bin / "pg_ctl"), "-D", db, "-l", str(self.data / "log"), "-o", opts]
+        subprocess.run([*self.run_as, *start, "-w", "start"], check=True, capture_output=True)
+        return "postgresql://postgres@127.0.0.1:5432/postgres"
+
+    def stop(self) -> None:
+        if self.bin is not None and (self.data / "db").exists():
+            stop = [str(self.bin / "pg_ctl"), "-D", str(self.data / "db"), "-m", "immediate"]
+            subprocess.run([*self.run_as, *stop, "stop"], capture_output=True)
+
+
+def listening() -> list[int]:
+    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+    return sorted({int(line.split()[3].rpartition(":")[2]) for line in out.splitlines() if line})
+
+
+def workbench(args: list[str], work: Path, **kw: Any) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "workbench.cli", *args],
+        cwd=work,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=timeout)
+    return {"rc": proc.returncode, "stdout": out, "stderr": err[-6000:]}
+
+
+def runs_of(experiment: str) -> list[dict[str, Any]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(MLFLOW)
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    return [
+        {
+            "run_id": r.info.run_id,
+            "name": r.info.run_name,
+            "status": r.info.status,
+            "tags": dict(r.data.tags),
+            "metrics": dict(r.data.metrics),
+        }
+        for r in client.search_runs([exp.experiment_id], max_results=1000)
+    ]
+
+
+def ablation_spec(work: Path, name: str) -> Path:
+    path = work / f"{name}.yaml"
+    body = {
+        "name": name,
+        "base": TINY,
+        "steps": 400,
+        "seeds": [0, 1],
+        "baseline": "ddpg",
+        "variants": {"ddpg": ["agent=ddpg"], "twin": ["agent=ddpg", "agent.n_critics=2"]},
+    }
+    path.write_text(json.dumps(body))  # JSON is YAML
+    return path
+
+
+def study_spec(work: Path) -> Path:
+    path = work / "study.yaml"
+    body = {
+        "name": "raystudy",
+        "base": {"preset": "pendulum_ddpg", "overrides": TINY},
+        "steps": 300,
+        "eval_every": 100,
+        "objective": {"score": "last_k", "k": 2, "seeds": 1},
+        "space": {"agent.tau": {"type": "float", "low": 0.001, "high": 0.05, "log": True}},
+        "sampler": {"name": "random", "seed": 0},
+        "pruner": "none",
+        "n_trials": 4,
+        "enqueue_base": False,
+    }
+    path.write_text(json.dumps(body))
+    return path
+
+
+def main(work: Path) -> None:
+    from ray.cluster_utils import Cluster
+
+    result: dict[str, Any] = {"outside_check": "pending"}
+    t_start = time.monotonic()
+    mlflow = start_mlflow(work)
+    pg = Postgres(work)
+    cluster = None
+    try:
+        storage = pg.start()
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 1,
+                "resources": {"node_a": 1},
+                "include_dashboard": False,
+                "node_ip_address": "127.0.0.1",
+            },
+        )
+        node_b = cluster.add_node(num_cpus=1, resources={"node_b": 1})
+        address = cluster.address
+        result["address"] = address
+        result["nodes"] = {"head": cluster.head_node.unique_id, "node_b": node_b.unique_id}
+        wait_http(f"{MLFLOW}/health", 90)
+        result["up_s"] = round(time.monotonic() - t_start, 1)
+        result["listening_inside"] = listening()
+        (work / "ready").write_text(json.dumps(result["listening_inside"]))
+        say("up in", result["up_s"], "s at", address)
+
+        # 1. an embedded store with two nodes is refused, in one line
+        spec = ablation_spec(work, "refused")
+        t0 = time.monotonic()
+        r = finish(workbench(["ablate", str(spec), "--ray", address], work), 120)
+        result["refused"] = {**r, "wall_s": round(time.monotonic() - t0, 1)}
+
+        # 2. a 4-trial study, 2 workers, one on each node
+        if storage is None:
+            result["study"] = {"skipped": "PostgreSQL binaries not found"}
+        else:
+            t0 = time.monotonic()
+            args = ["tune", str(study_spec(work)), "--ray", address, "--workers", "2"]
+            args += ["--storage", storage, "--tracking-uri", MLFLOW]
+            r = finish(workbench(args, work), 300)
+            import optuna
+
+            study = optuna.load_study(study_name="raystudy", storage=storage)
+            result["study"] = {
+                **r,
+                "wall_s": round(time.monotonic() - t0, 1),
+                "states": [t.state.name for t in study.trials],
+                "runs": runs_of("study-raystudy"),
+            }
+            say("study done in", result["study"]["wall_s"], "s")
+
+        # 3. a 2 x 2 ablation; node_b is removed while it trains a cell
+        spec = ablation_spec(work, "lossy")
+        t0 = time.monotonic()
+        proc = workbench(["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW], work)
+        lost = None
+        while proc.poll() is None and lost is None and time.monotonic() - t0 < 180:
+            for run in runs_of("ablation-lossy"):
+                on_b = run["tags"].get(RAY_NODE_TAG) == node_b.unique_id
+                if on_b and run["status"] == "RUNNING":
+                    lost = run["run_id"]
+            time.sleep(0.3)
+        if lost is not None:
+            time.sleep(1.0)  # mid-work: its run has started training
+            cluster.remove_node(node_b, allow_graceful=False)
+            say("removed node_b while it trained run", lost)
+        r = finish(proc, 300)
+        result["lossy"] = {
+            **r,
+            "wall_s": round(time.monotonic() - t0, 1),
+            "lost_run": lost,
+            "runs": runs_of("ablation-lossy"),
+        }
+        say("lossy ablation done in", result["lossy"]["wall_s"], "s")
+    except Exception:
+        result["error"] = traceback.format_exc()
+    finally:
+        if cluster is not None:
+            cluster.shutdown()
+        os.killpg(mlflow.pid, signal.SIGTERM)
+        pg.stop()
+        try:
+            mlflow.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(mlflow.pid, signal.SIGKILL)
+        result["total_s"] = round(time.monotonic() - t_start, 1)
+        (work / "result.json").write_text(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]).resolve())
