@@ -151,13 +151,13 @@ def runs_of(experiment: str) -> list[dict[str, Any]]:
     ]
 
 
-def ablation_spec(work: Path, name: str) -> Path:
+def ablation_spec(work: Path, name: str, steps: int = 400, seeds: Any = (0, 1)) -> Path:
     path = work / f"{name}.yaml"
     body = {
         "name": name,
         "base": TINY,
-        "steps": 400,
-        "seeds": [0, 1],
+        "steps": steps,
+        "seeds": list(seeds),
         "baseline": "ddpg",
         "variants": {"ddpg": ["agent=ddpg"], "twin": ["agent=ddpg", "agent.n_critics=2"]},
     }
@@ -237,7 +237,26 @@ def main(work: Path) -> None:
             }
             say("study done in", result["study"]["wall_s"], "s")
 
-        # 3. a 2 x 2 ablation; node_b is removed while it trains a cell
+        # 3. Ctrl-C on the driver while a long cell trains on each node
+        spec = ablation_spec(work, "stopped", steps=50_000, seeds=[0])
+        t0 = time.monotonic()
+        proc = workbench(["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW], work)
+        while proc.poll() is None and time.monotonic() - t0 < 120:
+            runs = runs_of("ablation-stopped")
+            if sum(r["status"] == "RUNNING" and r["metrics"] for r in runs) >= 2:
+                break
+            time.sleep(0.3)
+        t_int = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        r = finish(proc, 120)
+        result["stopped"] = {
+            **r,
+            "stop_s": round(time.monotonic() - t_int, 1),
+            "runs": runs_of("ablation-stopped"),
+        }
+        say("interrupted ablation stopped in", result["stopped"]["stop_s"], "s")
+
+        # 4. a 2 x 2 ablation; node_b is removed while it trains a cell
         spec = ablation_spec(work, "lossy")
         t0 = time.monotonic()
         proc = workbench(["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW], work)

@@ -111,6 +111,17 @@ def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
     assert "trials done" in study["stderr"]  # the driver's progress lines
 
 
+def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluster_run):
+    stopped = cluster_run["stopped"]
+    assert stopped["rc"] == 130, stopped["stderr"]
+    children = [r for r in stopped["runs"] if r["tags"].get("workbench.role") == "child"]
+    assert len(children) == 2 and all(r["status"] == "KILLED" for r in children), children
+    assert {r["tags"][NODE_TAG] for r in children} == set(cluster_run["nodes"].values())
+    (parent,) = [r for r in stopped["runs"] if r["tags"].get("workbench.role") == "parent"]
+    assert parent["status"] == "KILLED"
+    assert stopped["stderr"].strip().splitlines()[-1].startswith("workbench: interrupted")
+
+
 def test_a_node_lost_mid_cell_has_its_task_retried_and_each_cell_one_finished_run(cluster_run):
     lossy = cluster_run["lossy"]
     assert lossy["rc"] == 0, lossy["stderr"]
