@@ -9,8 +9,10 @@ machine's outward address even when told 127.0.0.1):
 
 Each node has 1 CPU and a custom resource (node_a, node_b), so two one-CPU tasks land one
 on each. Scenarios, in order: an ablation with the embedded sqlite store (refused: the
-cluster has two nodes), a 4-trial study with 2 workers (PostgreSQL storage), a 2 x 2 ablation
-during which node_b is removed while it trains a cell.
+cluster has two nodes), a 4-trial study with 2 workers (PostgreSQL storage), a Hydra multirun
+of 2 jobs through ``hydra/launcher=ray``, an ablation stopped by Ctrl-C (SIGINT to the
+driver) while a cell trains on each node, and a 2 x 2 ablation during which node_b is
+removed while it trains a cell. ``--measure`` adds what the shared stores cost per request.
 """
 
 from __future__ import annotations
@@ -183,7 +185,44 @@ def study_spec(work: Path) -> Path:
     return path
 
 
-def main(work: Path) -> None:
+def measure_stores(storage: str | None) -> dict[str, Any]:
+    """What the shared stores serialise, per request (``--measure``; not a test): an MLflow
+    ``log_batch`` of 10 metrics through the server, and one Optuna trial's storage traffic
+    (ask, one suggest, 10 reports, tell) on PostgreSQL."""
+    import statistics
+
+    import optuna
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    out: dict[str, Any] = {}
+    client = MlflowClient(MLFLOW)
+    exp = client.create_experiment("measure")
+    run = client.create_run(exp).info.run_id
+    times = []
+    for step in range(100):
+        t0 = time.perf_counter()
+        now = int(time.time() * 1000)
+        client.log_batch(run, metrics=[Metric(f"m/{k}", 1.0, now, step) for k in range(10)])
+        times.append(time.perf_counter() - t0)
+    out["mlflow_log_batch_ms"] = round(1000 * statistics.median(times), 1)
+    if storage is not None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(study_name="measure", storage=storage)
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            trial = study.ask()
+            x = trial.suggest_float("x", 0, 1)
+            for step in range(10):
+                trial.report(x, step)
+            study.tell(trial, x)
+            times.append(time.perf_counter() - t0)
+        out["optuna_trial_ms_postgres"] = round(1000 * statistics.median(times), 1)
+    return out
+
+
+def main(work: Path, measure: bool = False) -> None:
     from ray.cluster_utils import Cluster
 
     result: dict[str, Any] = {"outside_check": "pending"}
@@ -212,6 +251,10 @@ def main(work: Path) -> None:
         (work / "ready").write_text(json.dumps(result["listening_inside"]))
         say("up in", result["up_s"], "s at", address)
 
+        if measure:
+            result["stores"] = measure_stores(storage)
+            say("stores:", result["stores"])
+
         # 1. an embedded store with two nodes is refused, in one line
         spec = ablation_spec(work, "refused")
         t0 = time.monotonic()
@@ -237,7 +280,17 @@ def main(work: Path) -> None:
             }
             say("study done in", result["study"]["wall_s"], "s")
 
-        # 3. Ctrl-C on the driver while a long cell trains on each node
+        # 3. a Hydra multirun through hydra/launcher=ray: one task per job
+        t0 = time.monotonic()
+        args = ["train", "-m", "seed=0,1", "hydra/launcher=ray"]
+        args += [f"hydra.launcher.address='{address}'", f"tracking.uri={MLFLOW}"]
+        args += ["tracking.experiment=raysweep", "total_steps=300", *TINY]
+        r = finish(workbench(args, work), 300)
+        result["sweep"] = {**r, "wall_s": round(time.monotonic() - t0, 1)}
+        result["sweep"]["runs"] = runs_of("raysweep")
+        say("sweep done in", result["sweep"]["wall_s"], "s")
+
+        # 4. Ctrl-C on the driver while a long cell trains on each node
         spec = ablation_spec(work, "stopped", steps=50_000, seeds=[0])
         t0 = time.monotonic()
         proc = workbench(["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW], work)
@@ -256,7 +309,7 @@ def main(work: Path) -> None:
         }
         say("interrupted ablation stopped in", result["stopped"]["stop_s"], "s")
 
-        # 4. a 2 x 2 ablation; node_b is removed while it trains a cell
+        # 5. a 2 x 2 ablation; node_b is removed while it trains a cell
         spec = ablation_spec(work, "lossy")
         t0 = time.monotonic()
         proc = workbench(["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW], work)
@@ -295,4 +348,4 @@ def main(work: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]).resolve())
+    main(Path(sys.argv[1]).resolve(), measure="--measure" in sys.argv[2:])

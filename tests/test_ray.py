@@ -111,6 +111,15 @@ def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
     assert "trials done" in study["stderr"]  # the driver's progress lines
 
 
+def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_run):
+    sweep = cluster_run["sweep"]
+    assert sweep["rc"] == 0, sweep["stderr"]
+    runs = sweep["runs"]
+    assert sorted(r["tags"]["workbench.seed"] for r in runs) == ["0", "1"]
+    assert all(r["status"] == "FINISHED" and r["tags"].get(TASK_TAG) for r in runs)
+    assert {r["tags"][NODE_TAG] for r in runs} == set(cluster_run["nodes"].values())
+
+
 def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluster_run):
     stopped = cluster_run["stopped"]
     assert stopped["rc"] == 130, stopped["stderr"]
