@@ -44,6 +44,7 @@ TINY = [
     "tracking.save_policy=false",
 ]
 RAY_NODE_TAG = "workbench.ray.node"
+STORE_BYTES = 100 * 1024**2  # each node's object store: the tasks pass only small arguments
 
 
 def say(*parts: Any) -> None:
@@ -171,7 +172,7 @@ def study_spec(work: Path) -> Path:
     path = work / "study.yaml"
     body = {
         "name": "raystudy",
-        "base": {"preset": "pendulum_ddpg", "overrides": TINY},
+        "base": {"preset": "pendulum_ddpg", "overrides": [*TINY[1:5], *TINY[6:]]},
         "steps": 300,
         "eval_every": 100,
         "objective": {"score": "last_k", "k": 2, "seeds": 1},
@@ -239,9 +240,12 @@ def main(work: Path, measure: bool = False) -> None:
                 "resources": {"node_a": 1},
                 "include_dashboard": False,
                 "node_ip_address": "127.0.0.1",
+                "object_store_memory": STORE_BYTES,
             },
         )
-        node_b = cluster.add_node(num_cpus=1, resources={"node_b": 1})
+        node_b = cluster.add_node(
+            num_cpus=1, resources={"node_b": 1}, object_store_memory=STORE_BYTES
+        )
         address = cluster.address
         result["address"] = address
         result["nodes"] = {"head": cluster.head_node.unique_id, "node_b": node_b.unique_id}
