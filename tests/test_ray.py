@@ -10,6 +10,7 @@ no network namespace can be made (not root).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -22,7 +23,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None,
+    reason="Ray is an optional extra: pip install -e '.[ray]'",
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_TAG, TASK_TAG = "workbench.ray.node", "workbench.ray.task"
@@ -38,6 +42,39 @@ def _unshare_works() -> bool:
 def _listening() -> set[int]:
     out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
     return {int(line.split()[3].rpartition(":")[2]) for line in out.splitlines() if line}
+
+
+def test_without_ray_flag_ray_is_never_imported():
+    code = (
+        "import sys, workbench.cli, workbench.ablation, workbench.parallel, "
+        "workbench.tuning.launch, workbench.cli.learning_check, "
+        "hydra_plugins.workbench_ray_launcher.ray_launcher, "
+        "hydra_plugins.workbench_ray_launcher.config; "
+        "from workbench.cli import build_parser; build_parser(); "
+        "sys.exit('ray' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_a_unit_asks_for_its_threads_env_workers_and_gpu():
+    from workbench.config import compose
+    from workbench.parallel import Resources, resources_of
+
+    assert resources_of(compose([])) == Resources(cpus=1.0, gpus=0.0)
+    cfg = compose(["torch_threads=2", "env.n_envs=3", "env.vectorization=async"])
+    assert resources_of(cfg) == Resources(cpus=5.0, gpus=0.0)
+    assert resources_of(compose(["device=auto"]), gpus_present=True).gpus == 1.0
+    assert resources_of(compose(["device=cpu"]), gpus_present=True).gpus == 0.0
+
+
+def test_embedded_stores_are_told_from_shared_ones():
+    from workbench.cluster import embedded
+
+    assert embedded("sqlite:////x/mlruns/mlflow.db") and embedded("/x/mlruns")
+    assert embedded("file:///x/mlruns")
+    assert not embedded("http://head:5000") and not embedded("postgresql://u@db/optuna")
+    assert not embedded(None)
 
 
 @pytest.fixture(scope="module")
@@ -83,12 +120,14 @@ def cluster_run(tmp_path_factory):
     return result
 
 
+@needs_ray
 def test_nothing_the_cluster_starts_listens_outside_its_namespace(cluster_run):
     assert cluster_run["outside_sampled"]
     assert 5000 in cluster_run["listening_inside"]  # the MLflow server, for one
     assert cluster_run["outside_new"] == []
 
 
+@needs_ray
 def test_an_embedded_store_on_a_cluster_of_two_nodes_is_refused_in_one_line(cluster_run):
     refused = cluster_run["refused"]
     assert refused["rc"] == 2
@@ -97,6 +136,7 @@ def test_an_embedded_store_on_a_cluster_of_two_nodes_is_refused_in_one_line(clus
     assert "mlflow server --serve-artifacts" in last and "--tracking-uri" in last
 
 
+@needs_ray
 def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
     study = cluster_run["study"]
     if "skipped" in study:
@@ -111,6 +151,7 @@ def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
     assert "trials done" in study["stderr"]  # the driver's progress lines
 
 
+@needs_ray
 def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_run):
     sweep = cluster_run["sweep"]
     assert sweep["rc"] == 0, sweep["stderr"]
@@ -120,6 +161,7 @@ def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_r
     assert {r["tags"][NODE_TAG] for r in runs} == set(cluster_run["nodes"].values())
 
 
+@needs_ray
 def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluster_run):
     stopped = cluster_run["stopped"]
     assert stopped["rc"] == 130, stopped["stderr"]
@@ -131,6 +173,7 @@ def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluste
     assert stopped["stderr"].strip().splitlines()[-1].startswith("workbench: interrupted")
 
 
+@needs_ray
 def test_a_node_lost_mid_cell_has_its_task_retried_and_each_cell_one_finished_run(cluster_run):
     lossy = cluster_run["lossy"]
     assert lossy["rc"] == 0, lossy["stderr"]
@@ -162,6 +205,7 @@ def test_a_node_lost_mid_cell_has_its_task_retried_and_each_cell_one_finished_ru
     assert "ran 4, reused 0 finished run(s), 0 failed" in lossy["stdout"]
 
 
+@needs_ray
 def test_an_unreachable_cluster_fails_within_seconds_in_one_line(tmp_path, capsys):
     from workbench.cli import main
 
