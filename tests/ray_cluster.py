@@ -243,8 +243,13 @@ def main(work: Path, measure: bool = False) -> None:
                 "object_store_memory": STORE_BYTES,
             },
         )
+        # 127.0.0.2 (loopback too): a driver on 127.0.0.1 attaches to the head's raylet, so
+        # removing node_b cannot take the driver with it
         node_b = cluster.add_node(
-            num_cpus=1, resources={"node_b": 1}, object_store_memory=STORE_BYTES
+            num_cpus=1,
+            resources={"node_b": 1},
+            object_store_memory=STORE_BYTES,
+            node_ip_address="127.0.0.2",
         )
         address = cluster.address
         result["address"] = address

@@ -55,6 +55,7 @@ class RayCluster:
     def __init__(self, address: str | None):
         self.address = address
         self.job_id = ""
+        self._no_state_api = False
 
     # ------------------------------------------------------------------ connection
 
@@ -213,6 +214,8 @@ class RayCluster:
     def _running(self, in_flight: int) -> int:
         """Tasks of this job running now, by Ray's state API (the dashboard's); where that is
         not served, the tasks not yet done (queued or running)."""
+        if self._no_state_api:
+            return in_flight
         try:
             from ray.util.state import list_tasks
 
@@ -223,6 +226,7 @@ class RayCluster:
             )
             return len(tasks)
         except Exception:
+            self._no_state_api = True  # asked once: no dashboard here
             return in_flight
 
     def _cancel(self, ray: Any, pending: list[Any], name: str) -> None:
