@@ -24,6 +24,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 import urllib.request
@@ -88,7 +89,8 @@ class Postgres:
     """A throwaway PostgreSQL on 127.0.0.1:5432 (as the postgres user when run as root)."""
 
     def __init__(self, work: Path):
-        self.bin, self.data = pg_bin(), work / "pg"
+        # not below WORKDIR: pytest's temp folders are closed to the postgres user
+        self.bin, self.data = pg_bin(), Path(tempfile.mkdtemp(prefix="workbench-ray-pg-"))
         self.run_as = []
         if os.geteuid() == 0:
             self.run_as = ["runuser", "-u", "postgres", "--"]
@@ -96,7 +98,6 @@ class Postgres:
     def start(self) -> str | None:
         if self.bin is None:
             return None
-        self.data.mkdir()
         if self.run_as:
             user = pwd.getpwnam("postgres")
             os.chown(self.data, user.pw_uid, user.pw_gid)
@@ -112,6 +113,7 @@ class Postgres:
         if self.bin is not None and (self.data / "db").exists():
             stop = [str(self.bin / "pg_ctl"), "-D", str(self.data / "db"), "-m", "immediate"]
             subprocess.run([*self.run_as, *stop, "stop"], capture_output=True)
+        shutil.rmtree(self.data, ignore_errors=True)
 
 
 def listening() -> list[int]:
@@ -209,7 +211,10 @@ def measure_stores(storage: str | None) -> dict[str, Any]:
     out["mlflow_log_batch_ms"] = round(1000 * statistics.median(times), 1)
     if storage is not None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(study_name="measure", storage=storage)
+        from workbench.tuning.study import make_storage
+
+        shared = make_storage(storage, heartbeat_interval=10, grace_period=60)
+        study = optuna.create_study(study_name="measure", storage=shared)
         times = []
         for _ in range(20):
             t0 = time.perf_counter()
@@ -223,7 +228,10 @@ def measure_stores(storage: str | None) -> dict[str, Any]:
     return out
 
 
-def main(work: Path, measure: bool = False) -> None:
+SCENARIOS = ("refused", "study", "sweep", "stopped", "lossy")
+
+
+def main(work: Path, only: tuple[str, ...] = SCENARIOS, measure: bool = False) -> None:
     from ray.cluster_utils import Cluster
 
     result: dict[str, Any] = {"outside_check": "pending"}
@@ -232,7 +240,7 @@ def main(work: Path, measure: bool = False) -> None:
     pg = Postgres(work)
     cluster = None
     try:
-        storage = pg.start()
+        storage = pg.start() if "study" in only or measure else None
         cluster = Cluster(
             initialize_head=True,
             head_node_args={
@@ -253,7 +261,7 @@ def main(work: Path, measure: bool = False) -> None:
         )
         address = cluster.address
         result["address"] = address
-        result["nodes"] = {"head": cluster.head_node.unique_id, "node_b": node_b.unique_id}
+        result["nodes"] = {"head": cluster.head_node.node_id, "node_b": node_b.node_id}
         wait_http(f"{MLFLOW}/health", 90)
         result["up_s"] = round(time.monotonic() - t_start, 1)
         result["listening_inside"] = listening()
@@ -265,13 +273,16 @@ def main(work: Path, measure: bool = False) -> None:
             say("stores:", result["stores"])
 
         # 1. an embedded store with two nodes is refused, in one line
-        spec = ablation_spec(work, "refused")
-        t0 = time.monotonic()
-        r = finish(workbench(["ablate", str(spec), "--ray", address], work), 120)
-        result["refused"] = {**r, "wall_s": round(time.monotonic() - t0, 1)}
+        if "refused" in only:
+            spec = ablation_spec(work, "refused")
+            t0 = time.monotonic()
+            r = finish(workbench(["ablate", str(spec), "--ray", address], work), 120)
+            result["refused"] = {**r, "wall_s": round(time.monotonic() - t0, 1)}
 
         # 2. a 4-trial study, 2 workers, one on each node
-        if storage is None:
+        if "study" not in only:
+            pass
+        elif storage is None:
             result["study"] = {"skipped": "PostgreSQL binaries not found"}
         else:
             t0 = time.monotonic()
@@ -280,7 +291,10 @@ def main(work: Path, measure: bool = False) -> None:
             r = finish(workbench(args, work), 300)
             import optuna
 
-            study = optuna.load_study(study_name="raystudy", storage=storage)
+            from workbench.tuning.study import make_storage
+
+            shared = make_storage(storage, heartbeat_interval=10, grace_period=60)
+            study = optuna.load_study(study_name="raystudy", storage=shared)
             result["study"] = {
                 **r,
                 "wall_s": round(time.monotonic() - t0, 1),
@@ -290,57 +304,63 @@ def main(work: Path, measure: bool = False) -> None:
             say("study done in", result["study"]["wall_s"], "s")
 
         # 3. a Hydra multirun through hydra/launcher=ray: one task per job
-        t0 = time.monotonic()
-        args = ["train", "-m", "seed=0,1", "hydra/launcher=ray"]
-        args += [f"hydra.launcher.address='{address}'", f"tracking.uri={MLFLOW}"]
-        args += ["tracking.experiment=raysweep", "total_steps=300", *TINY]
-        r = finish(workbench(args, work), 300)
-        result["sweep"] = {**r, "wall_s": round(time.monotonic() - t0, 1)}
-        result["sweep"]["runs"] = runs_of("raysweep")
-        say("sweep done in", result["sweep"]["wall_s"], "s")
+        if "sweep" in only:
+            t0 = time.monotonic()
+            args = ["train", "-m", "seed=0,1", "hydra/launcher=ray"]
+            args += [f"hydra.launcher.address='{address}'", f"tracking.uri={MLFLOW}"]
+            args += ["tracking.experiment=raysweep", "total_steps=300", *TINY]
+            r = finish(workbench(args, work), 300)
+            result["sweep"] = {**r, "wall_s": round(time.monotonic() - t0, 1)}
+            result["sweep"]["runs"] = runs_of("raysweep")
+            say("sweep done in", result["sweep"]["wall_s"], "s")
 
         # 4. Ctrl-C on the driver while a long cell trains on each node
-        spec = ablation_spec(work, "stopped", steps=50_000, seeds=[0])
-        t0 = time.monotonic()
-        proc = workbench(["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW], work)
-        while proc.poll() is None and time.monotonic() - t0 < 120:
-            runs = runs_of("ablation-stopped")
-            if sum(r["status"] == "RUNNING" and r["metrics"] for r in runs) >= 2:
-                break
-            time.sleep(0.3)
-        t_int = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        r = finish(proc, 120)
-        result["stopped"] = {
-            **r,
-            "stop_s": round(time.monotonic() - t_int, 1),
-            "runs": runs_of("ablation-stopped"),
-        }
-        say("interrupted ablation stopped in", result["stopped"]["stop_s"], "s")
+        if "stopped" in only:
+            spec = ablation_spec(work, "stopped", steps=50_000, seeds=[0])
+            t0 = time.monotonic()
+            args = ["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW]
+            proc = workbench(args, work)
+            while proc.poll() is None and time.monotonic() - t0 < 120:
+                runs = runs_of("ablation-stopped")
+                if sum(r["status"] == "RUNNING" for r in runs) >= 3:  # the parent, 2 cells
+                    break
+                time.sleep(0.3)
+            time.sleep(1.5)  # both cells training
+            t_int = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            r = finish(proc, 120)
+            result["stopped"] = {
+                **r,
+                "stop_s": round(time.monotonic() - t_int, 1),
+                "runs": runs_of("ablation-stopped"),
+            }
+            say("interrupted ablation stopped in", result["stopped"]["stop_s"], "s")
 
         # 5. a 2 x 2 ablation; node_b is removed while it trains a cell
-        spec = ablation_spec(work, "lossy")
-        t0 = time.monotonic()
-        proc = workbench(["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW], work)
-        lost = None
-        while proc.poll() is None and lost is None and time.monotonic() - t0 < 180:
-            for run in runs_of("ablation-lossy"):
-                on_b = run["tags"].get(RAY_NODE_TAG) == node_b.unique_id
-                if on_b and run["status"] == "RUNNING":
-                    lost = run["run_id"]
-            time.sleep(0.3)
-        if lost is not None:
-            time.sleep(1.0)  # mid-work: its run has started training
-            cluster.remove_node(node_b, allow_graceful=False)
-            say("removed node_b while it trained run", lost)
-        r = finish(proc, 300)
-        result["lossy"] = {
-            **r,
-            "wall_s": round(time.monotonic() - t0, 1),
-            "lost_run": lost,
-            "runs": runs_of("ablation-lossy"),
-        }
-        say("lossy ablation done in", result["lossy"]["wall_s"], "s")
+        if "lossy" in only:
+            spec = ablation_spec(work, "lossy", steps=4000)
+            t0 = time.monotonic()
+            proc = workbench(
+                ["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW], work
+            )
+            lost = None
+            while proc.poll() is None and lost is None and time.monotonic() - t0 < 180:
+                for run in runs_of("ablation-lossy"):
+                    on_b = run["tags"].get(RAY_NODE_TAG) == node_b.node_id
+                    if on_b and run["status"] == "RUNNING":
+                        lost = run["run_id"]
+                time.sleep(0.2)
+            if lost is not None:  # mid-work: its run is open, its cell training
+                cluster.remove_node(node_b, allow_graceful=False)
+                say("removed node_b while it trained run", lost)
+            r = finish(proc, 300)
+            result["lossy"] = {
+                **r,
+                "wall_s": round(time.monotonic() - t0, 1),
+                "lost_run": lost,
+                "runs": runs_of("ablation-lossy"),
+            }
+            say("lossy ablation done in", result["lossy"]["wall_s"], "s")
     except Exception:
         result["error"] = traceback.format_exc()
     finally:
@@ -357,4 +377,10 @@ def main(work: Path, measure: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]).resolve(), measure="--measure" in sys.argv[2:])
+    args = sys.argv[2:]
+    picked = next((a.removeprefix("--only=") for a in args if a.startswith("--only=")), None)
+    main(
+        Path(sys.argv[1]).resolve(),
+        tuple(picked.split(",")) if picked else SCENARIOS,
+        measure="--measure" in args,
+    )

@@ -448,12 +448,14 @@ def _run_jobs(
 
     countdown = Countdown(len(units))
 
-    def describe(done: int, running: int, failed: int) -> str:
+    def describe(done: int, running: int | None, failed: int) -> str:
+        from workbench.cluster import live
+
         runs = sum(len(u) for u in units)
         what = "cells" if runs == len(units) else f"units ({runs} runs)"
         return (
-            f"{done}/{len(units)} {what} done, {running} running, {failed} failed "
-            f"[{countdown.update(done)}]"
+            f"{done}/{len(units)} {what} done, {live(running, len(units) - done)}, "
+            f"{failed} failed [{countdown.update(done)}]"
         )
 
     run_units(

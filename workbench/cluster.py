@@ -137,7 +137,7 @@ class RayCluster:
         *,
         name: str = "worker",
         resources: Sequence[Resources] | None = None,
-        describe: Callable[[int, int, int], str] | None = None,
+        describe: Callable[[int, int | None, int], str] | None = None,
     ) -> list[int]:
         """``target(*args)`` as one Ray task per entry; exit codes in order (as
         ``parallel.run_processes``: 0, 1 an error, 130 interrupted)."""
@@ -166,13 +166,13 @@ class RayCluster:
         args_list: Sequence[tuple[Any, ...]],
         name: str,
         resources: Sequence[Resources] | None,
-        describe: Callable[[int, int, int], str] | None,
+        describe: Callable[[int, int | None, int], str] | None,
     ) -> list[Any]:
         import ray
 
         n = len(args_list)
         needs = list(resources) if resources is not None else [Resources()] * n
-        remote = ray.remote(entry)
+        remote = ray.remote(max_calls=1)(entry)  # a fresh process per task, as locally
         cwd = os.getcwd()
         refs = [
             remote.options(
@@ -180,7 +180,6 @@ class RayCluster:
                 num_gpus=r.gpus,
                 max_retries=MAX_RETRIES,
                 retry_exceptions=False,
-                max_calls=1,  # a fresh process per task, as a spawned local worker
                 name=f"{name}-{i}",
             ).remote(target, tuple(args), cwd)
             for i, (args, r) in enumerate(zip(args_list, needs, strict=True))
@@ -199,11 +198,11 @@ class RayCluster:
                 if ready or time.monotonic() - t_last > PROGRESS_EVERY_S:
                     t_last = time.monotonic()
                     done = n - len(pending)
-                    running = self._running(len(pending))
+                    running = self._running()
                     if describe is not None:
                         line = describe(done, running, failed)
                     else:
-                        line = f"{done}/{n} tasks done, {running} running, {failed} failed"
+                        line = f"{done}/{n} tasks done, {live(running, n - done)}, {failed} failed"
                         line += f" [{countdown.update(done)}]"
                     log.info("%s: %s", name, line)
         except KeyboardInterrupt:
@@ -211,11 +210,11 @@ class RayCluster:
             raise KeyboardInterrupt(f"interrupted; {len(pending)} Ray task(s) cancelled") from None
         return values
 
-    def _running(self, in_flight: int) -> int:
-        """Tasks of this job running now, by Ray's state API (the dashboard's); where that is
-        not served, the tasks not yet done (queued or running)."""
+    def _running(self) -> int | None:
+        """Tasks of this job running now, by Ray's state API (the dashboard's); None where
+        that is not served (then only "not done" is known: queued or running)."""
         if self._no_state_api:
-            return in_flight
+            return None
         try:
             from ray.util.state import list_tasks
 
@@ -227,7 +226,7 @@ class RayCluster:
             return len(tasks)
         except Exception:
             self._no_state_api = True  # asked once: no dashboard here
-            return in_flight
+            return None
 
     def _cancel(self, ray: Any, pending: list[Any], name: str) -> None:
         """Cancel every task not done (each running one sees a KeyboardInterrupt and ends its
@@ -245,6 +244,11 @@ class RayCluster:
             ray.cancel(ref, force=True)
         if pending:
             log.warning("%s: %d task(s) killed after %s", name, len(pending), duration(GRACE_S))
+
+
+def live(running: int | None, not_done: int) -> str:
+    """``2 running``, or ``3 queued or running`` where Ray cannot say which."""
+    return f"{running} running" if running is not None else f"{not_done} queued or running"
 
 
 def connect(address: str | None) -> RayCluster:

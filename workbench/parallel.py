@@ -170,13 +170,14 @@ def run_units(
     name: str = "worker",
     cluster: Any = None,
     resources: Sequence[Resources] | None = None,
-    describe: Callable[[int, int, int], str] | None = None,
+    describe: Callable[[int, int | None, int], str] | None = None,
 ) -> list[int]:
     """``target(*args)`` for each entry, in local worker processes (``run_processes``) or, with
     a ``cluster`` (``workbench.cluster.RayCluster``), as Ray tasks placed by Ray: the one place
     that chooses where. Exit codes come back in order either way; an interrupt is raised
     after every unit has stopped. ``describe(done, running, failed)``: the driver's progress
-    line on a cluster (local workers log their own)."""
+    line on a cluster, ``running`` None where Ray cannot tell running from queued (local
+    workers log their own)."""
     if cluster is None:
         return run_processes(target, args_list, name=name)
     return cluster.run(target, args_list, name=name, resources=resources, describe=describe)

@@ -48,13 +48,14 @@ def _execute_job(
     )
 
 
-def _job_config(overrides: Sequence[str]) -> Any:
-    """The workbench config of a job (its ``hydra.*`` overrides left out)."""
-    from workbench.config import compose
+def _job_config(hydra_context: HydraContext, config: DictConfig, overrides: Sequence[str]) -> Any:
+    """The workbench config of a job, composed as Hydra will compose it in the task."""
+    from workbench.config import to_config
 
-    return compose(
-        [o for o in overrides if not o.lstrip("+~").startswith("hydra")], validate_config=False
-    )
+    sweep = hydra_context.config_loader.load_sweep_config(config, list(overrides))
+    with open_dict(sweep):
+        del sweep["hydra"]
+    return to_config(sweep)
 
 
 class RayLauncher(Launcher):
@@ -83,7 +84,7 @@ class RayLauncher(Launcher):
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
         cluster = connect(self.address)
         try:
-            configs = [_job_config(o) for o in job_overrides]
+            configs = [_job_config(self.hydra_context, self.config, o) for o in job_overrides]
             for cfg in configs:
                 if cfg.tracking.backend == "mlflow":
                     cluster.require_shared_stores(

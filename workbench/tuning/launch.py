@@ -383,14 +383,14 @@ def _study_progress(study: optuna.Study, n_trials: int | None) -> Any:
     """The driver's progress line on a cluster: trials, from the shared storage."""
     countdown = Countdown(n_trials, progress(study)[0])
 
-    def describe(done: int, running: int, failed: int) -> str:
+    def describe(done: int, running: int | None, failed: int) -> str:
         trials = study.get_trials(deepcopy=False)
         counted = sum(counts(t) for t in trials)
         live = sum(t.state == TrialState.RUNNING for t in trials)
         bad = sum(t.state == TrialState.FAIL for t in trials)
         return (
             f"{counted}/{n_trials if n_trials is not None else '?'} trials done, {live} "
-            f"running, {bad} failed; worker tasks: {running} running, {done} ended "
+            f"running, {bad} failed; {done} worker task(s) ended "
             f"[{countdown.update(counted)}]"
         )
 
