@@ -77,8 +77,9 @@ def test_embedded_stores_are_told_from_shared_ones():
     assert not embedded(None)
 
 
-@pytest.fixture(scope="module")
-def cluster_run(tmp_path_factory):
+def _run_cluster(tmp_path_factory, only: str) -> dict:
+    """``tests/ray_cluster.py`` with the scenarios ``only`` names, in a network namespace of
+    its own; its result, with what it was seen listening on outside the namespace."""
     if not _unshare_works():
         pytest.skip("cannot make a private network namespace here (unshare -n needs root)")
     work = tmp_path_factory.mktemp("ray")
@@ -89,7 +90,7 @@ def cluster_run(tmp_path_factory):
     }
     env.pop("MLFLOW_TRACKING_URI", None)
     script = Path(__file__).with_name("ray_cluster.py")
-    command = f"ip link set lo up && exec {sys.executable} {script} {work}"
+    command = f"ip link set lo up && exec {sys.executable} {script} {work} --only={only}"
     with (work / "script.log").open("w") as log:
         proc = subprocess.Popen(
             ["unshare", "-n", "bash", "-c", command],
@@ -118,6 +119,18 @@ def cluster_run(tmp_path_factory):
     result["outside_new"] = sorted(((during or set()) - before) & inside)
     result["outside_sampled"] = during is not None
     return result
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory):
+    """The requirements CI checks: ~90 s on 2 cores."""
+    return _run_cluster(tmp_path_factory, "refused,study,lossy")
+
+
+@pytest.fixture(scope="module")
+def cluster_run_more(tmp_path_factory):
+    """Ctrl-C and the Hydra launcher, on a cluster of their own (``slow``: ~60 s more)."""
+    return _run_cluster(tmp_path_factory, "sweep,stopped")
 
 
 @needs_ray
@@ -152,7 +165,9 @@ def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
 
 
 @needs_ray
-def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_run):
+@pytest.mark.slow
+def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_run_more):
+    cluster_run = cluster_run_more
     sweep = cluster_run["sweep"]
     assert sweep["rc"] == 0, sweep["stderr"]
     runs = sweep["runs"]
@@ -162,7 +177,9 @@ def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_r
 
 
 @needs_ray
-def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluster_run):
+@pytest.mark.slow
+def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluster_run_more):
+    cluster_run = cluster_run_more
     stopped = cluster_run["stopped"]
     assert stopped["rc"] == 130, stopped["stderr"]
     children = [r for r in stopped["runs"] if r["tags"].get("workbench.role") == "child"]
