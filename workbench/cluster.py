@@ -7,9 +7,10 @@ seed) is submitted as one Ray task, asking for the CPUs and GPUs its config need
 (``parallel.resources_of``); Ray queues what does not fit and retries a task whose node was
 lost (``MAX_RETRIES``). Nothing here schedules.
 
-Each task runs in a fresh worker process (``max_calls=1``), as a spawned local worker does,
-in the driver's working directory where that exists on its node (relative ``tracking.dir``
-and ``checkpoint.dir`` then mean the same folder when it is shared). The runs it trains are
+A task runs in one of Ray's worker processes, kept for the next task as a local worker
+process goes on with its next unit, in the driver's working directory where that exists on
+its node (relative ``tracking.dir`` and ``checkpoint.dir`` then mean the same folder when it
+is shared). The runs it trains are
 tagged with the Ray job, task and node (``parallel.placement_tags``), so that a retried
 attempt, or the driver when its tasks are over, can end FAILED a run a lost node left
 RUNNING. Ctrl-C on the driver cancels the tasks (a KeyboardInterrupt in each: its runs write a
@@ -172,7 +173,9 @@ class RayCluster:
 
         n = len(args_list)
         needs = list(resources) if resources is not None else [Resources()] * n
-        remote = ray.remote(max_calls=1)(entry)  # a fresh process per task, as locally
+        # Ray's worker processes are kept for later tasks, as a local worker process runs its
+        # share of units one after another: imports (torch, MLflow) are paid once per process
+        remote = ray.remote(entry)
         cwd = os.getcwd()
         refs = [
             remote.options(
