@@ -123,14 +123,8 @@ def _run_cluster(tmp_path_factory, only: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
-    """The requirements CI checks: ~90 s on 2 cores."""
-    return _run_cluster(tmp_path_factory, "refused,study,lossy")
-
-
-@pytest.fixture(scope="module")
-def cluster_run_more(tmp_path_factory):
-    """Ctrl-C and the Hydra launcher, on a cluster of their own (``slow``: ~60 s more)."""
-    return _run_cluster(tmp_path_factory, "sweep,stopped")
+    """Every scenario on one cluster: ~80 s on 2 cores."""
+    return _run_cluster(tmp_path_factory, "refused,study,sweep,stopped,lossy")
 
 
 @needs_ray
@@ -165,9 +159,7 @@ def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
 
 
 @needs_ray
-@pytest.mark.slow
-def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_run_more):
-    cluster_run = cluster_run_more
+def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_run):
     sweep = cluster_run["sweep"]
     assert sweep["rc"] == 0, sweep["stderr"]
     runs = sweep["runs"]
@@ -177,9 +169,7 @@ def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_r
 
 
 @needs_ray
-@pytest.mark.slow
-def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluster_run_more):
-    cluster_run = cluster_run_more
+def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluster_run):
     stopped = cluster_run["stopped"]
     assert stopped["rc"] == 130, stopped["stderr"]
     children = [r for r in stopped["runs"] if r["tags"].get("workbench.role") == "child"]
