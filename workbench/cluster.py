@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3  # attempts after a lost node or a dead worker process (not after an error)
 CONNECT_TIMEOUT_S = 10.0  # a cluster that does not answer fails within this (plus Ray's start)
-PROGRESS_EVERY_S = 30.0
+LOOK_EVERY_S = 5.0  # how often the driver asks how far the work is (a study: its storage)
+PROGRESS_EVERY_S = 60.0  # a progress line at least this often, news or not
 GRACE_S = 60.0  # after Ctrl-C: how long cancelled tasks may take to end their runs
 
 
@@ -190,7 +191,9 @@ class RayCluster:
         index = {ref: i for i, ref in enumerate(refs)}
         values: list[Any] = [None] * n
         pending, failed = list(refs), 0
-        countdown, t_last = Countdown(n), time.monotonic()
+        countdown = Countdown(n)
+        t_look = t_said = time.monotonic()
+        said = ""
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
@@ -198,8 +201,9 @@ class RayCluster:
                     i = index[ref]
                     values[i] = _result(ray, ref, f"{name}-{i}")
                     failed += _failed(values[i])
-                if ready or time.monotonic() - t_last > PROGRESS_EVERY_S:
-                    t_last = time.monotonic()
+                now = time.monotonic()
+                if ready or now - t_look > LOOK_EVERY_S:
+                    t_look = now
                     done = n - len(pending)
                     running = self._running()
                     if describe is not None:
@@ -207,7 +211,10 @@ class RayCluster:
                     else:
                         line = f"{done}/{n} tasks done, {live(running, n - done)}, {failed} failed"
                         line += f" [{countdown.update(done)}]"
-                    log.info("%s: %s", name, line)
+                    news = line.split(" [")[0] != said.split(" [")[0]  # the ETA alone is no news
+                    if news or now - t_said > PROGRESS_EVERY_S:
+                        log.info("%s: %s", name, line)
+                        said, t_said = line, now
         except KeyboardInterrupt:
             self._cancel(ray, pending, name)
             raise KeyboardInterrupt(f"interrupted; {len(pending)} Ray task(s) cancelled") from None

@@ -115,12 +115,18 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
                 population = [
                     r
                     for rs in cluster.map(
-                        _population_job, [(c,) for c in chunks], resources=need * len(chunks)
+                        _population_job,
+                        [(c,) for c in chunks],
+                        name="learning-check-population",
+                        resources=need * len(chunks),
                     )
                     for r in rs
                 ]
             results = cluster.map(
-                _learning_check_job, [(j,) for j in jobs], resources=need * len(jobs)
+                _learning_check_job,
+                [(j,) for j in jobs],
+                name="learning-check",
+                resources=need * len(jobs),
             )
     else:
         with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
