@@ -170,12 +170,12 @@ def ablation_spec(work: Path, name: str, steps: int = 400, seeds: Any = (0, 1)) 
     return path
 
 
-def study_spec(work: Path) -> Path:
-    path = work / "study.yaml"
+def study_spec(work: Path, name: str = "raystudy", steps: int = 300, **more: Any) -> Path:
+    path = work / f"{name}.yaml"
     body = {
-        "name": "raystudy",
+        "name": name,
         "base": {"preset": "pendulum_ddpg", "overrides": [*TINY[1:5], *TINY[6:]]},
-        "steps": 300,
+        "steps": steps,
         "eval_every": 100,
         "objective": {"score": "last_k", "k": 2, "seeds": 1},
         "space": {"agent.tau": {"type": "float", "low": 0.001, "high": 0.05, "log": True}},
@@ -183,6 +183,7 @@ def study_spec(work: Path) -> Path:
         "pruner": "none",
         "n_trials": 4,
         "enqueue_base": False,
+        **more,
     }
     path.write_text(json.dumps(body))
     return path
@@ -228,7 +229,7 @@ def measure_stores(storage: str | None) -> dict[str, Any]:
     return out
 
 
-SCENARIOS = ("refused", "study", "sweep", "stopped", "lossy")
+SCENARIOS = ("refused", "study", "sweep", "stopped", "lossy", "study_lossy")
 
 
 def main(work: Path, only: tuple[str, ...] = SCENARIOS, measure: bool = False) -> None:
@@ -240,7 +241,7 @@ def main(work: Path, only: tuple[str, ...] = SCENARIOS, measure: bool = False) -
     pg = Postgres(work)
     cluster = None
     try:
-        storage = pg.start() if "study" in only or measure else None
+        storage = pg.start() if "study" in ",".join(only) or measure else None
         cluster = Cluster(
             initialize_head=True,
             head_node_args={
@@ -361,6 +362,40 @@ def main(work: Path, only: tuple[str, ...] = SCENARIOS, measure: bool = False) -
                 "runs": runs_of("ablation-lossy"),
             }
             say("lossy ablation done in", result["lossy"]["wall_s"], "s")
+
+        # 6. a study; node_b is removed while it trains a trial (short heartbeats)
+        if "study_lossy" in only and storage is not None:
+            import optuna
+
+            from workbench.tuning.study import make_storage
+
+            name = "lossystudy"
+            spec = study_spec(work, name, steps=4000, heartbeat={"interval": 1, "grace_period": 4})
+            t0 = time.monotonic()
+            args = ["tune", str(spec), "--ray", address, "--workers", "2"]
+            proc = workbench([*args, "--storage", storage, "--tracking-uri", MLFLOW], work)
+            lost = None
+            while proc.poll() is None and lost is None and time.monotonic() - t0 < 180:
+                for run in runs_of(f"study-{name}"):
+                    on_b = run["tags"].get(RAY_NODE_TAG) == node_b.node_id
+                    if on_b and run["status"] == "RUNNING":
+                        lost = run["run_id"]
+                time.sleep(0.2)
+            if lost is not None:
+                cluster.remove_node(node_b, allow_graceful=False)
+                say("removed node_b while it trained trial run", lost)
+            r = finish(proc, 300)
+            shared = make_storage(storage, heartbeat_interval=1, grace_period=4)
+            study = optuna.load_study(study_name=name, storage=shared)
+            result["study_lossy"] = {
+                **r,
+                "wall_s": round(time.monotonic() - t0, 1),
+                "lost_run": lost,
+                "states": [t.state.name for t in study.trials],
+                "attrs": [dict(t.user_attrs) for t in study.trials],
+                "runs": runs_of(f"study-{name}"),
+            }
+            say("lossy study done in", result["study_lossy"]["wall_s"], "s")
     except Exception:
         result["error"] = traceback.format_exc()
     finally:

@@ -230,3 +230,28 @@ def test_an_unreachable_cluster_fails_within_seconds_in_one_line(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith(f"workbench: cannot reach the Ray cluster at 127.0.0.1:{port}")
     assert not (tmp_path / "mlruns").exists()  # nothing was created before the check
+
+
+@pytest.fixture(scope="module")
+def study_loss_run(tmp_path_factory):
+    """A study that loses a node mid-trial, on a cluster of its own (``slow``: ~45 s)."""
+    return _run_cluster(tmp_path_factory, "study_lossy")
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_node_lost_mid_trial_fails_that_trial_and_the_study_still_counts_n_trials(
+    study_loss_run,
+):
+    lossy = study_loss_run["study_lossy"]
+    if "rc" not in lossy:
+        pytest.skip("PostgreSQL binaries not found")
+    assert lossy["rc"] == 0, lossy["stderr"]
+    assert lossy["lost_run"] is not None, "no trial was seen training on node_b"
+    states = Counter(lossy["states"])
+    assert states["COMPLETE"] == 4 and states["FAIL"] >= 1 and "RUNNING" not in states
+    runs = lossy["runs"]
+    assert not [r for r in runs if r["status"] == "RUNNING"]
+    (lost,) = [r for r in runs if r["run_id"] == lossy["lost_run"]]
+    assert lost["status"] == "FAILED"
+    assert "heartbeats" in lost["tags"]["workbench.status_reason"]
