@@ -16,7 +16,13 @@ from workbench.cli.args import add_ray_option, ray_cluster
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="run an ablation spec (variants x seeds) and report")
     p.add_argument("spec", type=Path, help="ablation spec YAML, e.g. studies/ablations/tau.yaml")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (default 1); with --ray each cell is a task and Ray runs as "
+        "many at once as the cluster's CPUs allow",
+    )
     p.add_argument(
         "--population",
         type=int,

@@ -28,7 +28,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="K",
         help="also train the seeds as one population and compare it with the single runs",
     )
-    p.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1))
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(3, os.cpu_count() or 1),
+        help="worker processes; with --ray each seed is a task, placed by Ray",
+    )
     p.add_argument("--target", type=float, default=-200.0, help="every seed must reach this")
     add_ray_option(p, "each seed (and population) as a task")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
