@@ -255,3 +255,23 @@ def test_a_node_lost_mid_trial_fails_that_trial_and_the_study_still_counts_n_tri
     (lost,) = [r for r in runs if r["run_id"] == lossy["lost_run"]]
     assert lost["status"] == "FAILED"
     assert "heartbeats" in lost["tags"]["workbench.status_reason"]
+
+
+@needs_ray
+def test_a_port_that_answers_but_is_no_ray_head_fails_within_15_s_in_one_line(tmp_path, capsys):
+    from workbench.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: x\nbaseline: a\nseeds: 1\nvariants: {a: [], b: [agent.tau=0.01]}\n"
+        f"tracking: {{dir: {tmp_path / 'mlruns'}}}\n"
+    )
+    with socket.socket() as silent:  # accepts connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        assert main(["ablate", str(spec), "--ray", f"127.0.0.1:{port}"]) == 1
+        assert time.monotonic() - t0 < 15
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"workbench: the Ray cluster at 127.0.0.1:{port} did not answer")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import subprocess
 import sys
 import time
 import traceback
@@ -38,7 +39,7 @@ from workbench.parallel import INTERRUPTED, Resources
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3  # attempts after a lost node or a dead worker process (not after an error)
-CONNECT_TIMEOUT_S = 10.0  # a cluster that does not answer fails within this (plus Ray's start)
+CONNECT_TIMEOUT_S = 10.0  # a cluster that does not answer fails within this (+ Ray's import)
 LOOK_EVERY_S = 5.0  # how often the driver asks how far the work is (a study: its storage)
 PROGRESS_EVERY_S = 60.0  # a progress line at least this often, news or not
 GRACE_S = 60.0  # after Ctrl-C: how long cancelled tasks may take to end their runs
@@ -267,8 +268,8 @@ def connect(address: str | None) -> RayCluster:
 
 
 def _probe(address: str | None) -> None:
-    """One TCP connection to the head first: Ray's own client waits a minute or more for a
-    cluster that is not there."""
+    """One TCP connection to the head, then one request to its GCS, each bounded: Ray's own
+    client waits minutes for a cluster that is not there or does not answer."""
     if address in (None, "", "local", "auto"):
         return
     host, _, port = address.removeprefix("ray://").rpartition(":")
@@ -285,6 +286,26 @@ def _probe(address: str | None) -> None:
             f"cannot reach the Ray cluster at {address}: {err.strerror or err}; check that "
             "`ray start --head` runs there and the port is open"
         ) from None
+    if address.startswith("ray://"):
+        return
+    # A port that answers but is no Ray head (or a head that hangs): Ray's client would try
+    # for minutes. One GCS request, in a process of its own that can be stopped.
+    probe = f"from ray._raylet import GcsClient; GcsClient(address={address!r}, cluster_id=None)"
+    try:
+        subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            timeout=CONNECT_TIMEOUT_S,
+            check=True,
+        )
+    except subprocess.TimeoutExpired:
+        raise RuntimeFailure(
+            f"the Ray cluster at {address} did not answer within {CONNECT_TIMEOUT_S:g} s: "
+            "is it the head's GCS port (ray start --head --port ...)?"
+        ) from None
+    except subprocess.CalledProcessError as err:
+        last = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or ["?"]
+        raise RuntimeFailure(f"cannot connect to the Ray cluster at {address}: {last[0]}") from None
 
 
 def _first_line(err: BaseException) -> str:
