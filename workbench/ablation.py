@@ -33,6 +33,14 @@ from workbench import stats
 from workbench.checkpoint import CheckpointError, prepare_resume
 from workbench.config import ConfigError, TrackingConfig, compose, config_hash
 from workbench.errors import Interrupted
+from workbench.parallel import (
+    RAY_JOB_TAG,
+    RAY_NODE_TAG,
+    RAY_TASK_TAG,
+    placement_tags,
+    resources_of,
+    run_units,
+)
 from workbench.population import shared_values
 from workbench.specfile import (
     Problems,
@@ -321,6 +329,7 @@ def _run_unit(jobs: Unit, ablation: str, parent_run_id: str | None) -> None:
     from workbench.tracking import make_tracker
     from workbench.train import Member, train_population
 
+    jobs = _take_over_lost_attempt(jobs)
     members = []
     for job in jobs:
         cfg, state = compose(list(job.overrides)), None
@@ -341,7 +350,12 @@ def _run_unit(jobs: Unit, ablation: str, parent_run_id: str | None) -> None:
             parent_run_id=parent_run_id,
             resume_run_id=cfg.resume,
         )
-        tags = {ABLATION_TAG: ablation, VARIANT_TAG: job.variant, ROLE_TAG: "child"}
+        tags = {
+            ABLATION_TAG: ablation,
+            VARIANT_TAG: job.variant,
+            ROLE_TAG: "child",
+            **placement_tags(),  # a Ray task's job, task and node; none locally
+        }
         members.append(Member(cfg, tracker=tracker, tags=tags, resume_state=state))
     if len(jobs) > 1:
         log.info("training %d runs as one population: %s", len(jobs), _names(jobs))
@@ -360,20 +374,53 @@ def _run_unit(jobs: Unit, ablation: str, parent_run_id: str | None) -> None:
         raise interrupted  # Ctrl-C: this worker stops
 
 
+def _take_over_lost_attempt(jobs: Unit) -> Unit:
+    """In a Ray task's retry: end FAILED the runs its lost attempt left RUNNING (the node
+    died, taking the process with it) and continue each from its latest checkpoint where
+    one can be read here (a shared checkpoint folder), else start it afresh."""
+    task = placement_tags().get(RAY_TASK_TAG)
+    if not task:
+        return jobs
+    from workbench.tracking import RunHandle
+
+    tracking = compose(list(jobs[0].overrides), validate_config=False).tracking
+    if tracking.backend == "none":
+        return jobs
+    uri = resolve_uri(tracking.uri, tracking.dir)
+    lost = search_runs(
+        uri,
+        experiments=[tracking.experiment],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{RAY_TASK_TAG}` = '{task}'",
+    )
+    out = list(jobs)
+    for run in lost:
+        reason = (
+            f"{ABANDONED_REASON}: its Ray task's attempt on node "
+            f"{run.tags.get(RAY_NODE_TAG, '?')} was lost (node or worker died); Ray retried "
+            f"it on node {placement_tags().get(RAY_NODE_TAG, '?')}"
+        )
+        RunHandle(uri, run.run_id).end("FAILED", reason)
+        log.warning("run %s (%s): %s", run.run_id, run.run_name, reason)
+        for i, job in enumerate(out):
+            if (job.config_hash, str(job.seed)) == _key(run):
+                out[i] = dataclasses.replace(job, resume=run.run_id)
+    return tuple(out)
+
+
 def _run_jobs(
     jobs: Sequence[Job],
     ablation: str,
     parent_run_id: str | None,
     workers: int,
     population: int = 1,
+    cluster: Any = None,
 ) -> None:
     """The grid over ``workers`` processes (the study runner's pool): the units of
     ``group_jobs``, each to the worker with the fewest runs so far (round robin when every
-    unit is one run)."""
-    from workbench.parallel import run_processes
-
+    unit is one run). On a Ray ``cluster`` each unit is a task of its own, and Ray queues
+    what does not fit."""
     units = group_jobs(jobs, population)
-    k = max(1, min(workers, len(units)))
+    k = len(units) if cluster is not None else max(1, min(workers, len(units)))
     if population > 1:
         log.info(
             "%d population(s) and %d single run(s) over %d worker process(es)",
@@ -387,8 +434,56 @@ def _run_jobs(
         w = load.index(min(load))
         shares[w].append(unit)
         load[w] += len(unit)
-    if units:
-        run_processes(run_jobs, [(s, ablation, parent_run_id) for s in shares], name="ablation")
+    if not units:
+        return
+    from workbench.logs import Countdown
+
+    resources = None
+    if cluster is not None:
+        gpus = cluster.has_gpus()
+        resources = [
+            resources_of(compose(list(s[0][0].overrides), validate_config=False), gpus_present=gpus)
+            for s in shares
+        ]
+
+    countdown = Countdown(len(units))
+
+    def describe(done: int, running: int | None, failed: int) -> str:
+        from workbench.cluster import live
+
+        runs = sum(len(u) for u in units)
+        what = "cells" if runs == len(units) else f"units ({runs} runs)"
+        return (
+            f"{done}/{len(units)} {what} done, {live(running, len(units) - done)}, "
+            f"{failed} failed [{countdown.update(done)}]"
+        )
+
+    run_units(
+        run_jobs,
+        [(s, ablation, parent_run_id) for s in shares],
+        name=f"ablation-{ablation}" if cluster is not None else "ablation",
+        cluster=cluster,
+        resources=resources,
+        describe=describe,
+    )
+
+
+def _end_lost_runs(uri: str, spec: AblationSpec, job_id: str, status: str, reason: str) -> None:
+    """End the children this driver's Ray tasks left RUNNING once the tasks are over (a node
+    lost more often than Ray retries, a task killed after Ctrl-C)."""
+    from workbench.tracking import RunHandle
+
+    running = search_runs(
+        uri,
+        experiments=[spec.experiment],
+        filter_string=f"{_children_filter(spec)} and attributes.status = 'RUNNING' "
+        f"and tags.`{RAY_JOB_TAG}` = '{job_id}'",
+    )
+    for run in running:
+        RunHandle(uri, run.run_id).end(status, reason)
+        log.warning(
+            "run %s (%s) was left RUNNING: ended %s: %s", run.run_id, run.run_name, status, reason
+        )
 
 
 def _finished_children(uri: str, spec: AblationSpec) -> list[RunRecord]:
@@ -477,12 +572,18 @@ def run_ablation(
     population: int = 1,
     out_dir: Path | None = None,
     run: bool = True,
+    cluster: Any = None,
 ) -> AblationResult:
     """Run what is missing (unless ``run`` is False), then report over what is finished.
 
     ``population``: train up to that many runs of one shape as one program
-    (``group_jobs``)."""
+    (``group_jobs``). ``cluster``: a ``workbench.cluster.RayCluster`` to run the units on
+    instead of local worker processes."""
     uri = resolve_uri(spec.tracking_uri, spec.tracking_dir)
+    if cluster is not None:
+        cluster.require_shared_stores(tracking_uri=uri)
+        # the tasks' nodes see the store the driver sees, whatever their environment says
+        spec = dataclasses.replace(spec, tracking_uri=uri)
     # One quick request first: MLflow's own client retries an unreachable server for minutes.
     probe_store(uri, spec.experiment)
     existing = _parent_run(uri, spec)
@@ -519,7 +620,21 @@ def run_ablation(
             population,
         )
         if run:
-            _run_jobs(todo, spec.name, parent.run_id, workers, population)
+            try:
+                _run_jobs(todo, spec.name, parent.run_id, workers, population, cluster)
+            except KeyboardInterrupt:
+                if cluster is not None:
+                    _end_lost_runs(uri, spec, cluster.job_id, "KILLED", "interrupted (Ctrl-C)")
+                raise
+            if cluster is not None:
+                _end_lost_runs(
+                    uri,
+                    spec,
+                    cluster.job_id,
+                    "FAILED",
+                    f"{ABANDONED_REASON}: its Ray task ended without ending the run (node "
+                    "lost more often than Ray retries, or its worker died)",
+                )
             _end_abandoned_children(spec)  # a worker that died now: its runs end here
         else:
             todo = []

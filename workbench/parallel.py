@@ -24,6 +24,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 INTERRUPTED = 130
@@ -118,3 +119,65 @@ def run_processes(
     if interrupted["at"] is not None:
         raise KeyboardInterrupt(f"interrupted; worker exit codes {codes}")
     return codes
+
+
+# ----------------------------------------------------------------------------- where work runs
+
+# Tags a run carries when a Ray task trains it (``placement_tags``): which driver's job, which
+# task (the same id on every retry of it) and which node. A later attempt of the task, or the
+# driver once its tasks are over, ends FAILED a run an earlier attempt left RUNNING.
+RAY_JOB_TAG = "workbench.ray.job"
+RAY_TASK_TAG = "workbench.ray.task"
+RAY_NODE_TAG = "workbench.ray.node"
+
+_placement: dict[str, str] = {}  # set by the Ray task that runs this process's work
+
+
+def placement_tags() -> dict[str, str]:
+    """Where this process's work was placed, as run tags: empty for local worker processes
+    (Ray is then never imported), the Ray job, task and node inside a Ray task."""
+    return dict(_placement)
+
+
+def set_placement(tags: dict[str, str]) -> None:
+    _placement.clear()
+    _placement.update(tags)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What one unit of work (a run, a population, a study worker) asks of a machine."""
+
+    cpus: float = 1.0
+    gpus: float = 0.0
+
+
+def resources_of(cfg: Any, *, gpus_present: bool = False) -> Resources:
+    """A unit's needs from its config: one CPU per torch thread plus one per env worker
+    process (``env.vectorization=async``); one GPU where it trains on CUDA (``device=auto``
+    where the cluster has GPUs), the whole population on it."""
+    threads = cfg.torch_threads if cfg.torch_threads is not None else 1
+    env_workers = cfg.env.n_envs if cfg.env.vectorization == "async" else 0
+    device = str(cfg.device)
+    cuda = device.startswith("cuda") or (device == "auto" and gpus_present)
+    return Resources(cpus=float(threads + env_workers), gpus=1.0 if cuda else 0.0)
+
+
+def run_units(
+    target: Callable[..., Any],
+    args_list: Sequence[tuple[Any, ...]],
+    *,
+    name: str = "worker",
+    cluster: Any = None,
+    resources: Sequence[Resources] | None = None,
+    describe: Callable[[int, int | None, int], str] | None = None,
+) -> list[int]:
+    """``target(*args)`` for each entry, in local worker processes (``run_processes``) or, with
+    a ``cluster`` (``workbench.cluster.RayCluster``), as Ray tasks placed by Ray: the one place
+    that chooses where. Exit codes come back in order either way; an interrupt is raised
+    after every unit has stopped. ``describe(done, running, failed)``: the driver's progress
+    line on a cluster, ``running`` None where Ray cannot tell running from queued (local
+    workers log their own)."""
+    if cluster is None:
+        return run_processes(target, args_list, name=name)
+    return cluster.run(target, args_list, name=name, resources=resources, describe=describe)

@@ -6,14 +6,23 @@ Exit 2 for a bad spec or option, 1 when a run failed or the store cannot be used
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
+
+from workbench.cli.args import add_ray_option, ray_cluster
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ablate", help="run an ablation spec (variants x seeds) and report")
     p.add_argument("spec", type=Path, help="ablation spec YAML, e.g. studies/ablations/tau.yaml")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (default 1); with --ray each cell is a task and Ray runs as "
+        "many at once as the cluster's CPUs allow",
+    )
     p.add_argument(
         "--population",
         type=int,
@@ -26,6 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--out", type=Path, default=None, help="report folder (default mlruns/ablations/<name>)"
     )
     p.add_argument("--report-only", action="store_true", help="report on finished runs only")
+    p.add_argument(
+        "--tracking-uri",
+        default=None,
+        metavar="URI",
+        help="MLflow tracking URI of the runs (default: the spec's tracking.uri, else "
+        "MLFLOW_TRACKING_URI, else the embedded store); on a Ray cluster a server started "
+        "with --serve-artifacts",
+    )
+    add_ray_option(p, "each cell (or population) as a task")
     p.add_argument(
         "--steps",
         type=int,
@@ -82,19 +100,23 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         _at_least_one(f"--{flag}", getattr(args, flag))
     quick = QuickLook(steps=args.steps, seeds=_seeds(args.seeds), overrides=tuple(args.overrides))
     spec = ablation.load_spec(args.spec, quick)
+    if args.tracking_uri:
+        spec = dataclasses.replace(spec, tracking_uri=args.tracking_uri)
     if quick:
         print(
             f"quick look at {args.spec} as ablation {spec.name!r} (experiment "
             f"{spec.experiment!r}; the full ablation's runs and report are not touched)",
             file=sys.stderr,
         )
-    result = ablation.run_ablation(
-        spec,
-        workers=args.workers,
-        population=args.population,
-        out_dir=args.out,
-        run=not args.report_only,
-    )
+    with ray_cluster(None if args.report_only else args.ray) as cluster:
+        result = ablation.run_ablation(
+            spec,
+            workers=args.workers,
+            population=args.population,
+            out_dir=args.out,
+            run=not args.report_only,
+            cluster=cluster,
+        )
     console = display.console()
     ablation.print_table(result, result.rows, console)
     console.print(

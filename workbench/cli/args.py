@@ -4,8 +4,9 @@ Hydra overrides are taken anywhere among a subcommand's options."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 
@@ -39,3 +40,41 @@ class SubcommandParser(Parser):
 
 def _is_override(arg: Any) -> bool:
     return isinstance(arg, str) and not arg.startswith("-") and "=" in arg
+
+
+def add_ray_option(p: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]``: the same command, its work placed on a Ray cluster."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="ADDRESS",
+        help=f"run {what} as Ray tasks: on the cluster at ADDRESS (auto, HEAD:6379, "
+        "ray://HEAD:10001), or on a local Ray when none is given; needs the extra "
+        "(pip install -e '.[ray]')",
+    )
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None) -> Iterator[Any]:
+    """The Ray cluster ``--ray`` asked for (None without it: Ray is then not imported),
+    disconnected at the end."""
+    if address is None:
+        yield None
+        return
+    from workbench.errors import ConfigProblem
+
+    try:
+        from workbench import cluster
+    except ImportError as err:  # pragma: no cover - depends on the install
+        raise ConfigProblem(f"--ray needs Ray ({err}): pip install -e '.[ray]'") from None
+    try:
+        import ray  # noqa: F401
+    except ImportError as err:
+        raise ConfigProblem(f"--ray needs Ray ({err}): pip install -e '.[ray]'") from None
+    connected = cluster.connect(address or None)
+    try:
+        yield connected
+    finally:
+        connected.shutdown()

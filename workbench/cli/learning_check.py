@@ -13,6 +13,7 @@ import json
 import os
 from typing import Any
 
+from workbench.cli.args import add_ray_option, ray_cluster
 from workbench.logs import setup_logging
 
 
@@ -27,8 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="K",
         help="also train the seeds as one population and compare it with the single runs",
     )
-    p.add_argument("--workers", type=int, default=min(3, os.cpu_count() or 1))
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=min(3, os.cpu_count() or 1),
+        help="worker processes; with --ray each seed is a task, placed by Ray",
+    )
     p.add_argument("--target", type=float, default=-200.0, help="every seed must reach this")
+    add_ray_option(p, "each seed (and population) as a task")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides")
     p.set_defaults(handler=cmd_learning_check)
 
@@ -77,7 +84,9 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
 
     from workbench.config import ConfigError, compose
     from workbench.errors import ConfigProblem
+    from workbench.parallel import resources_of
     from workbench.specfile import compose_error_text
+    from workbench.tracking import resolve_uri
 
     if args.population < 1:
         raise ValueError(f"--population={args.population}: must be >= 1")
@@ -93,14 +102,44 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
         raise ConfigProblem(f"invalid overrides: {compose_error_text(err)}") from None
     t0 = time.perf_counter()
     jobs = [[*base, f"seed={s}"] for s in seeds]
+    chunks = [jobs[i : i + args.population] for i in range(0, len(jobs), args.population)]
     population = None
-    with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
-        if args.population > 1:  # populations of K, side by side with the single runs
-            chunks = [jobs[i : i + args.population] for i in range(0, len(jobs), args.population)]
-            pending = [pool.submit(_population_job, chunk) for chunk in chunks]
-        results = list(pool.map(_learning_check_job, jobs))
-        if args.population > 1:
-            population = [r for job in pending for r in job.result()]
+    if args.ray is not None:  # the same jobs as Ray tasks, placed by Ray
+        with ray_cluster(args.ray) as cluster:
+            cfg = compose(jobs[0])
+            if cfg.tracking.backend == "mlflow":
+                uri = resolve_uri(cfg.tracking.uri, cfg.tracking.dir)
+                cluster.require_shared_stores(tracking_uri=uri)
+                # the tasks' nodes see the driver's store, whatever their environment says
+                jobs = [[*j, f"tracking.uri={uri}"] for j in jobs]
+                chunks = [
+                    jobs[i : i + args.population] for i in range(0, len(jobs), args.population)
+                ]
+            need = [resources_of(cfg, gpus_present=cluster.has_gpus())]
+            if args.population > 1:
+                population = [
+                    r
+                    for rs in cluster.map(
+                        _population_job,
+                        [(c,) for c in chunks],
+                        name="learning-check-population",
+                        resources=need * len(chunks),
+                    )
+                    for r in rs
+                ]
+            results = cluster.map(
+                _learning_check_job,
+                [(j,) for j in jobs],
+                name="learning-check",
+                resources=need * len(jobs),
+            )
+    else:
+        with ProcessPoolExecutor(args.workers, mp_context=mp.get_context("spawn")) as pool:
+            if args.population > 1:  # populations of K, side by side with the single runs
+                pending = [pool.submit(_population_job, chunk) for chunk in chunks]
+            results = list(pool.map(_learning_check_job, jobs))
+            if args.population > 1:
+                population = [r for job in pending for r in job.result()]
     returns = [r["final_return_mean"] for r in results]
     out = {
         "check": "learning",

@@ -66,7 +66,10 @@ def _train_and_report(raw: Any) -> None:
     # a resumed run keeps the overrides it was started with
     tags = {} if state else {OVERRIDES_TAG: " ".join(hc.overrides.task) or "(none)"}
     if str(hc.mode) == "RunMode.MULTIRUN":
+        from workbench.parallel import placement_tags
+
         tags[SWEEP_TAG] = str(hc.sweep.dir)
+        tags.update(placement_tags())  # hydra/launcher=ray: the Ray job, task and node
         tags[SWEEP_JOB_TAG] = str(hc.job.num)
         swept = _swept_keys(sys.argv[1:])
         if mine := [o for o in hc.overrides.task if override_key(o) in swept]:

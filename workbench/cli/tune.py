@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from workbench.cli.args import add_ray_option, ray_cluster
 from workbench.errors import ConfigProblem
 
 log = logging.getLogger(__name__)
@@ -89,7 +90,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     """Add ``tune``, ``study-report`` and ``tune-bench`` (each sets its ``handler``)."""
     p = sub.add_parser("tune", help="run, resume or join an Optuna study: workbench tune SPEC")
     p.add_argument("spec", type=Path, help="study spec, e.g. studies/pendulum_ddpg.yaml")
-    p.add_argument("--workers", type=_positive(int, 1), default=1, help="local worker processes")
+    p.add_argument(
+        "--workers",
+        type=_positive(int, 1),
+        default=1,
+        help="worker processes (with --ray: worker tasks on the cluster)",
+    )
+    add_ray_option(p, "each worker as a task against the shared storage")
     p.add_argument(
         "--population",
         type=_positive(int, 1),
@@ -201,16 +208,18 @@ def cmd_tune(args: argparse.Namespace) -> int:
             from workbench.tuning.worker import check_population
 
             check_population(spec, source=str(args.spec))
-        outcome = run_study(
-            spec,
-            workers=args.workers,
-            storage=args.storage,
-            n_trials=args.trials,
-            timeout=args.timeout,
-            first_worker=args.first_worker,
-            report_dir=args.out,
-            population=args.population,
-        )
+        with ray_cluster(args.ray) as cluster:
+            outcome = run_study(
+                spec,
+                workers=args.workers,
+                storage=args.storage,
+                n_trials=args.trials,
+                timeout=args.timeout,
+                first_worker=args.first_worker,
+                report_dir=args.out,
+                population=args.population,
+                cluster=cluster,
+            )
     except KeyboardInterrupt:
         print(
             f"workbench: interrupted; running trials were marked failed (not counted). "

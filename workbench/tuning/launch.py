@@ -262,10 +262,13 @@ def run_study(
     first_worker: int = 0,
     report_dir: Path | None = None,
     population: int = 1,
+    cluster: Any = None,
 ) -> Outcome:
     """Run (or resume, or join) a study with ``workers`` local processes, then report.
 
-    ``population``: each worker trains that many trials at once as one population."""
+    ``population``: each worker trains that many trials at once as one population.
+    ``cluster``: a ``workbench.cluster.RayCluster``; each worker is then a Ray task running
+    the same loop against the shared storage, placed by Ray."""
     from workbench.tuning import report
 
     if workers < 1:
@@ -273,6 +276,13 @@ def run_study(
     n_trials = n_trials if n_trials is not None else spec.n_trials
     timeout = timeout if timeout is not None else spec.timeout
     t0 = time.perf_counter()
+    if cluster is not None:
+        target = resolve_target(spec, storage)
+        cluster.require_shared_stores(
+            tracking_uri=target.tracking_uri, storage_url=target.storage_url
+        )
+        if target.tracking_uri is not None:  # the tasks' nodes see the driver's store
+            spec = dataclasses.replace(spec, tracking_uri=target.tracking_uri)
     study, target = prepare(spec, storage=storage)
     log.info(
         "study %s in %s: %d of %s trials done; %d worker(s)",
@@ -317,11 +327,16 @@ def run_study(
         for i in range(workers)
     ]
     with ends_run(parent, reason=_parent_reason) as ending:
-        if workers == 1:
+        if workers == 1 and cluster is None:
             codes = [run_worker(contexts[0])]
         else:
-            codes = parallel.run_processes(
-                run_worker, [(c,) for c in contexts], name=f"tune-{spec.name}"
+            codes = parallel.run_units(
+                run_worker,
+                [(c,) for c in contexts],
+                name=f"tune-{spec.name}",
+                cluster=cluster,
+                resources=_worker_resources(spec, cluster, workers),
+                describe=_study_progress(study, n_trials),
             )
         outcome = Outcome(
             study, spec, target, parent.run_id if parent else None, codes, time.perf_counter() - t0
@@ -353,6 +368,33 @@ def run_study(
             elif n_trials is not None and done < n_trials:
                 ending.set("FINISHED", f"stopped at {done} of {n_trials} trials (timeout)")
     return outcome
+
+
+def _worker_resources(spec: StudySpec, cluster: Any, workers: int) -> Any:
+    """What each worker asks of a Ray node: its trials' config's CPUs and GPUs (None
+    locally)."""
+    if cluster is None:
+        return None
+    cfg = compose([*spec.base(), *spec.run_overrides()], validate_config=False)
+    return [parallel.resources_of(cfg, gpus_present=cluster.has_gpus())] * workers
+
+
+def _study_progress(study: optuna.Study, n_trials: int | None) -> Any:
+    """The driver's progress line on a cluster: trials, from the shared storage."""
+    countdown = Countdown(n_trials, progress(study)[0])
+
+    def describe(done: int, running: int | None, failed: int) -> str:
+        trials = study.get_trials(deepcopy=False)
+        counted = sum(counts(t) for t in trials)
+        live = sum(t.state == TrialState.RUNNING for t in trials)
+        bad = sum(t.state == TrialState.FAIL for t in trials)
+        return (
+            f"{counted}/{n_trials if n_trials is not None else '?'} trials done, {live} "
+            f"running, {bad} failed; {done} worker task(s) ended "
+            f"[{countdown.update(counted)}]"
+        )
+
+    return describe
 
 
 def _parent_reason(err: BaseException) -> str:

@@ -61,8 +61,11 @@ def start_trial_run(
     params: Mapping[str, Any],
     tags: Mapping[str, str],
 ) -> Tracker:
+    from workbench.parallel import placement_tags
+
     tracker = make_tracker(tracking, run_name=trial_run_name(number), parent_run_id=parent_run_id)
-    tracker.start(params=params, tags=tags)
+    # on a Ray cluster: the job, task and node that trains it (none locally)
+    tracker.start(params=params, tags={**tags, **placement_tags()})
     return tracker
 
 

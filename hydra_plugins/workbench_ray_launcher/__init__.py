@@ -1,0 +1,1 @@
+"""``hydra/launcher=ray``: ``workbench train -m ...`` with each job a Ray task."""

@@ -1,0 +1,277 @@
+"""``--ray`` on a real two-node Ray cluster on this machine, no mocks.
+
+``tests/ray_cluster.py`` starts the cluster (a head and a second node, 1 CPU each), an MLflow
+server with its artifact proxy and a PostgreSQL server, and runs the workbench commands
+against them, all inside a private network namespace made here (``unshare -n``), where only
+127.0.0.1 exists: Ray binds to the machine's outward address otherwise. One run of it serves
+every test of the module. Skipped where Ray is not installed (``pip install -e '.[ray]'``) or
+no network namespace can be made (not root).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+needs_ray = pytest.mark.skipif(
+    importlib.util.find_spec("ray") is None,
+    reason="Ray is an optional extra: pip install -e '.[ray]'",
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+NODE_TAG, TASK_TAG = "workbench.ray.node", "workbench.ray.task"
+
+
+def _unshare_works() -> bool:
+    if shutil.which("unshare") is None or shutil.which("ip") is None:
+        return False
+    done = subprocess.run(["unshare", "-n", "true"], capture_output=True)
+    return done.returncode == 0
+
+
+def _listening() -> set[int]:
+    out = subprocess.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+    return {int(line.split()[3].rpartition(":")[2]) for line in out.splitlines() if line}
+
+
+def test_without_ray_flag_ray_is_never_imported():
+    code = (
+        "import sys, workbench.cli, workbench.ablation, workbench.parallel, "
+        "workbench.tuning.launch, workbench.cli.learning_check, "
+        "hydra_plugins.workbench_ray_launcher.ray_launcher, "
+        "hydra_plugins.workbench_ray_launcher.config; "
+        "from workbench.cli import build_parser; build_parser(); "
+        "sys.exit('ray' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    assert subprocess.run([sys.executable, "-c", code], env=env).returncode == 0
+
+
+def test_a_unit_asks_for_its_threads_env_workers_and_gpu():
+    from workbench.config import compose
+    from workbench.parallel import Resources, resources_of
+
+    assert resources_of(compose([])) == Resources(cpus=1.0, gpus=0.0)
+    cfg = compose(["torch_threads=2", "env.n_envs=3", "env.vectorization=async"])
+    assert resources_of(cfg) == Resources(cpus=5.0, gpus=0.0)
+    assert resources_of(compose(["device=auto"]), gpus_present=True).gpus == 1.0
+    assert resources_of(compose(["device=cpu"]), gpus_present=True).gpus == 0.0
+
+
+def test_embedded_stores_are_told_from_shared_ones():
+    from workbench.cluster import embedded
+
+    assert embedded("sqlite:////x/mlruns/mlflow.db") and embedded("/x/mlruns")
+    assert embedded("file:///x/mlruns")
+    assert not embedded("http://head:5000") and not embedded("postgresql://u@db/optuna")
+    assert not embedded(None)
+
+
+def _run_cluster(tmp_path_factory, only: str) -> dict:
+    """``tests/ray_cluster.py`` with the scenarios ``only`` names, in a network namespace of
+    its own; its result, with what it was seen listening on outside the namespace."""
+    if not _unshare_works():
+        pytest.skip("cannot make a private network namespace here (unshare -n needs root)")
+    work = tmp_path_factory.mktemp("ray")
+    before = _listening()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    env.pop("MLFLOW_TRACKING_URI", None)
+    script = Path(__file__).with_name("ray_cluster.py")
+    command = f"ip link set lo up && exec {sys.executable} {script} {work} --only={only}"
+    with (work / "script.log").open("w") as log:
+        proc = subprocess.Popen(
+            ["unshare", "-n", "bash", "-c", command],
+            cwd=work,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        during: set[int] | None = None
+        t0 = time.monotonic()
+        while proc.poll() is None:
+            if during is None and (work / "ready").exists():
+                during = _listening()
+            if time.monotonic() - t0 > 600:
+                proc.kill()
+            time.sleep(0.2)
+    result_file = work / "result.json"
+    if not result_file.exists():
+        pytest.fail(
+            f"the cluster script wrote no result: {(work / 'script.log').read_text()[-3000:]}"
+        )
+    result = json.loads(result_file.read_text())
+    if "error" in result:
+        pytest.fail(f"the cluster script failed: {result['error']}")
+    inside = set(result["listening_inside"])
+    result["outside_new"] = sorted(((during or set()) - before) & inside)
+    result["outside_sampled"] = during is not None
+    return result
+
+
+@pytest.fixture(scope="module")
+def cluster_run(tmp_path_factory):
+    """Every scenario on one cluster: ~80 s on 2 cores."""
+    return _run_cluster(tmp_path_factory, "refused,study,sweep,stopped,lossy")
+
+
+@needs_ray
+def test_nothing_the_cluster_starts_listens_outside_its_namespace(cluster_run):
+    assert cluster_run["outside_sampled"]
+    assert 5000 in cluster_run["listening_inside"]  # the MLflow server, for one
+    assert cluster_run["outside_new"] == []
+
+
+@needs_ray
+def test_an_embedded_store_on_a_cluster_of_two_nodes_is_refused_in_one_line(cluster_run):
+    refused = cluster_run["refused"]
+    assert refused["rc"] == 2
+    last = refused["stderr"].strip().splitlines()[-1]
+    assert last.startswith("workbench: the MLflow store sqlite:")
+    assert "mlflow server --serve-artifacts" in last and "--tracking-uri" in last
+
+
+@needs_ray
+def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
+    study = cluster_run["study"]
+    if "skipped" in study:
+        pytest.skip(study["skipped"])
+    assert study["rc"] == 0, study["stderr"]
+    summary = json.loads(study["stdout"].strip().splitlines()[-1])
+    assert summary["n_trials"] == 4 and summary["worker_exit_codes"] == [0, 0]
+    assert Counter(study["states"])["COMPLETE"] == 4
+    trials = [r for r in study["runs"] if r["tags"].get(TASK_TAG)]
+    assert len(trials) == 4 and all(r["status"] == "FINISHED" for r in trials)
+    assert {r["tags"][NODE_TAG] for r in trials} == set(cluster_run["nodes"].values())
+    assert "trials done" in study["stderr"]  # the driver's progress lines
+
+
+@needs_ray
+def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_run):
+    sweep = cluster_run["sweep"]
+    assert sweep["rc"] == 0, sweep["stderr"]
+    runs = sweep["runs"]
+    assert sorted(r["tags"]["workbench.seed"] for r in runs) == ["0", "1"]
+    assert all(r["status"] == "FINISHED" and r["tags"].get(TASK_TAG) for r in runs)
+    assert {r["tags"][NODE_TAG] for r in runs} == set(cluster_run["nodes"].values())
+
+
+@needs_ray
+def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluster_run):
+    stopped = cluster_run["stopped"]
+    assert stopped["rc"] == 130, stopped["stderr"]
+    children = [r for r in stopped["runs"] if r["tags"].get("workbench.role") == "child"]
+    assert len(children) == 2 and all(r["status"] == "KILLED" for r in children), children
+    assert {r["tags"][NODE_TAG] for r in children} == set(cluster_run["nodes"].values())
+    (parent,) = [r for r in stopped["runs"] if r["tags"].get("workbench.role") == "parent"]
+    assert parent["status"] == "KILLED"
+    assert stopped["stderr"].strip().splitlines()[-1].startswith("workbench: interrupted")
+
+
+@needs_ray
+def test_a_node_lost_mid_cell_has_its_task_retried_and_each_cell_one_finished_run(cluster_run):
+    lossy = cluster_run["lossy"]
+    assert lossy["rc"] == 0, lossy["stderr"]
+    assert lossy["lost_run"] is not None, "no cell was seen training on node_b"
+    children = [r for r in lossy["runs"] if r["tags"].get("workbench.role") == "child"]
+    assert not [r for r in children if r["status"] == "RUNNING"]
+    cells = Counter(
+        (r["tags"]["workbench.variant"], r["tags"]["workbench.seed"])
+        for r in children
+        if r["status"] == "FINISHED"
+    )
+    assert sorted(cells.values()) == [1, 1, 1, 1], cells
+    (lost,) = [r for r in children if r["run_id"] == lossy["lost_run"]]
+    assert lost["tags"][NODE_TAG] == cluster_run["nodes"]["node_b"]
+    head = cluster_run["nodes"]["head"]
+    if lost["status"] == "FINISHED":  # continued from a checkpoint on the head
+        assert lost["tags"].get("workbench.resumed_at_step")
+    else:  # its retry started it afresh: a second run of the same Ray task, on the head
+        assert lost["status"] == "FAILED"
+        reason = lost["tags"]["workbench.status_reason"]
+        assert reason.startswith("abandoned") and "Ray retried it" in reason
+        (retry,) = [
+            r
+            for r in children
+            if r["tags"].get(TASK_TAG) == lost["tags"][TASK_TAG] and r["status"] == "FINISHED"
+        ]
+        assert retry["tags"][NODE_TAG] == head
+    assert "cells done" in lossy["stderr"]  # the driver's progress lines
+    assert "ran 4, reused 0 finished run(s), 0 failed" in lossy["stdout"]
+
+
+@needs_ray
+def test_an_unreachable_cluster_fails_within_seconds_in_one_line(tmp_path, capsys):
+    from workbench.cli import main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: x\nbaseline: a\nseeds: 1\nvariants: {a: [], b: [agent.tau=0.01]}\n"
+        f"tracking: {{dir: {tmp_path / 'mlruns'}}}\n"
+    )
+    t0 = time.monotonic()
+    assert main(["ablate", str(spec), "--ray", f"127.0.0.1:{port}"]) == 1
+    assert time.monotonic() - t0 < 15
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"workbench: cannot reach the Ray cluster at 127.0.0.1:{port}")
+    assert not (tmp_path / "mlruns").exists()  # nothing was created before the check
+
+
+@pytest.fixture(scope="module")
+def study_loss_run(tmp_path_factory):
+    """A study that loses a node mid-trial, on a cluster of its own (``slow``: ~45 s)."""
+    return _run_cluster(tmp_path_factory, "study_lossy")
+
+
+@needs_ray
+@pytest.mark.slow
+def test_a_node_lost_mid_trial_fails_that_trial_and_the_study_still_counts_n_trials(
+    study_loss_run,
+):
+    lossy = study_loss_run["study_lossy"]
+    if "rc" not in lossy:
+        pytest.skip("PostgreSQL binaries not found")
+    assert lossy["rc"] == 0, lossy["stderr"]
+    assert lossy["lost_run"] is not None, "no trial was seen training on node_b"
+    states = Counter(lossy["states"])
+    assert states["COMPLETE"] == 4 and states["FAIL"] >= 1 and "RUNNING" not in states
+    runs = lossy["runs"]
+    assert not [r for r in runs if r["status"] == "RUNNING"]
+    (lost,) = [r for r in runs if r["run_id"] == lossy["lost_run"]]
+    assert lost["status"] == "FAILED"
+    assert "heartbeats" in lost["tags"]["workbench.status_reason"]
+
+
+@needs_ray
+def test_a_port_that_answers_but_is_no_ray_head_fails_within_15_s_in_one_line(tmp_path, capsys):
+    from workbench.cli import main
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(
+        "name: x\nbaseline: a\nseeds: 1\nvariants: {a: [], b: [agent.tau=0.01]}\n"
+        f"tracking: {{dir: {tmp_path / 'mlruns'}}}\n"
+    )
+    with socket.socket() as silent:  # accepts connections, never says a word
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        t0 = time.monotonic()
+        assert main(["ablate", str(spec), "--ray", f"127.0.0.1:{port}"]) == 1
+        assert time.monotonic() - t0 < 15
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"workbench: the Ray cluster at 127.0.0.1:{port} did not answer")
