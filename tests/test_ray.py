@@ -123,11 +123,13 @@ def _run_cluster(tmp_path_factory, only: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
-    """Every scenario on one cluster: ~80 s on 2 cores."""
+    """Every scenario on one cluster: ~80 s on an idle 2-core machine, ~190 s under the
+    default run's load, so the tests on it are slow-marked (`pytest -m slow tests/test_ray.py`)."""
     return _run_cluster(tmp_path_factory, "refused,study,sweep,stopped,lossy")
 
 
 @needs_ray
+@pytest.mark.slow
 def test_nothing_the_cluster_starts_listens_outside_its_namespace(cluster_run):
     assert cluster_run["outside_sampled"]
     assert 5000 in cluster_run["listening_inside"]  # the MLflow server, for one
@@ -135,6 +137,7 @@ def test_nothing_the_cluster_starts_listens_outside_its_namespace(cluster_run):
 
 
 @needs_ray
+@pytest.mark.slow
 def test_an_embedded_store_on_a_cluster_of_two_nodes_is_refused_in_one_line(cluster_run):
     refused = cluster_run["refused"]
     assert refused["rc"] == 2
@@ -144,6 +147,7 @@ def test_an_embedded_store_on_a_cluster_of_two_nodes_is_refused_in_one_line(clus
 
 
 @needs_ray
+@pytest.mark.slow
 def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
     study = cluster_run["study"]
     if "skipped" in study:
@@ -159,6 +163,7 @@ def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
 
 
 @needs_ray
+@pytest.mark.slow
 def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_run):
     sweep = cluster_run["sweep"]
     assert sweep["rc"] == 0, sweep["stderr"]
@@ -169,6 +174,7 @@ def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_r
 
 
 @needs_ray
+@pytest.mark.slow
 def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluster_run):
     stopped = cluster_run["stopped"]
     assert stopped["rc"] == 130, stopped["stderr"]
@@ -181,6 +187,7 @@ def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluste
 
 
 @needs_ray
+@pytest.mark.slow
 def test_a_node_lost_mid_cell_has_its_task_retried_and_each_cell_one_finished_run(cluster_run):
     lossy = cluster_run["lossy"]
     assert lossy["rc"] == 0, lossy["stderr"]
