@@ -27,7 +27,6 @@ import socket
 import subprocess
 import sys
 import time
-import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -354,23 +353,9 @@ def _enter(cwd: str) -> None:
 
 
 def _task(target: Callable[..., Any], args: tuple[Any, ...], cwd: str) -> int:
-    """A unit in a Ray task: ``parallel._entry``'s exit codes, returned, not exited."""
+    """A unit in a Ray task: ``parallel.call_unit``'s exit code, returned, not exited."""
     _enter(cwd)
-    code = 0
-    try:
-        result = target(*args)
-        if isinstance(result, int) and not isinstance(result, bool):
-            code = result
-    except KeyboardInterrupt:
-        code = INTERRUPTED
-    except SystemExit as err:
-        code = err.code if isinstance(err.code, int) else (0 if err.code is None else 1)
-    except BaseException:
-        traceback.print_exc()
-        code = 1
-    sys.stdout.flush()
-    sys.stderr.flush()
-    return code
+    return parallel.call_unit(target, args)
 
 
 def _call(fn: Callable[..., Any], args: tuple[Any, ...], cwd: str) -> Any:

@@ -45,8 +45,9 @@ def _worker_signals() -> None:
         signal.signal(sig, handler)
 
 
-def _entry(target: Callable[..., Any], args: tuple[Any, ...]) -> None:
-    _worker_signals()
+def call_unit(target: Callable[..., Any], args: tuple[Any, ...]) -> int:
+    """Run one unit and return its exit code (see the module's docstring); a worker process
+    exits with it, a Ray task returns it."""
     code = 0
     try:
         result = target(*args)
@@ -61,7 +62,12 @@ def _entry(target: Callable[..., Any], args: tuple[Any, ...]) -> None:
         code = 1
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(code)  # skip the interpreter's teardown of half-stopped threads
+    return code
+
+
+def _entry(target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+    _worker_signals()
+    os._exit(call_unit(target, args))  # skip the interpreter's teardown of half-stopped threads
 
 
 def run_processes(
