@@ -99,7 +99,7 @@ def _where(cfg: Any, run_id: str | None) -> str:
     link that opens its experiment in the MLflow UI (stderr; stdout stays the JSON line)."""
     from urllib.parse import unquote, urlparse
 
-    from workbench.tracking import redact, resolve_uri, runs_view_line, search_runs
+    from workbench.tracking import experiment_line, redact, resolve_uri, search_runs
 
     t = cfg.tracking
     if run_id is None:
@@ -115,8 +115,7 @@ def _where(cfg: Any, run_id: str | None) -> str:
         f"run {run.run_name} ({run_id}) in experiment {t.experiment!r}",
         f"  artifacts: {artifacts}",
     ]
-    if link := runs_view_line(uri, run_id, t.dir):
-        lines.append(f"  {link}")
+    lines.append(f"  {experiment_line(uri, run.experiment_id, t.dir)}")
     return "\n".join(lines)
 
 

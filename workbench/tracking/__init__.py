@@ -46,6 +46,7 @@ from workbench.tracking.tags import (
 )
 from workbench.tracking.ui import (
     describe_experiment,
+    experiment_line,
     runs_view_line,
     runs_view_url,
     ui_base_url,
@@ -96,6 +97,7 @@ __all__ = [
     "driver_url",
     "embedded_uri",
     "ends_run",
+    "experiment_line",
     "git_info",
     "list_experiments",
     "make_tracker",

@@ -72,7 +72,13 @@ def runs_view_line(
     # MLflow retries a dead server for minutes; a link is worth a few seconds at most
     if _call_bounded(look_up, LOOKUP_TIMEOUT_S) is not None or not found:
         return None
-    experiment_id = found[0]
+    return experiment_line(tracking_uri, found[0], store_dir)
+
+
+def experiment_line(
+    tracking_uri: str, experiment_id: str, store_dir: str | Path = DEFAULT_STORE_DIR
+) -> str:
+    """``MLflow UI: <link> (after `workbench ui`)`` for an experiment already looked up."""
     line = f"MLflow UI: {runs_view_url(tracking_uri, experiment_id)}"
     command = ui_command(tracking_uri, store_dir)
     return f"{line} (after `{command}`)" if command else line
