@@ -54,3 +54,19 @@ def _signal_handlers_restored():
     yield
     for sig, handler in saved.items():
         signal.signal(sig, handler)
+
+
+@pytest.fixture(autouse=True)
+def _no_run_left_open():
+    """The process's one MLflow writer thread lives while any run it serves is open: a test
+    that leaves a run open (e.g. by patching ``end``) would keep it alive for every test
+    after it in this worker, so the test that does it fails, by name."""
+    import sys
+
+    yield
+    writer = sys.modules.get("workbench.tracking.writer")
+    if writer is None:
+        return
+    with writer._WRITER.cv:
+        left = [t.run_id for t in writer._WRITER._trackers if not t._stopping]
+    assert not left, f"MLflow run(s) {left} left open: end() them"

@@ -243,18 +243,18 @@ def test_an_ending_the_store_cannot_take_is_said_and_recorded_later(
     """A full disk, simulated in-process: the checkpoint write fails (or Ctrl-C comes) and
     the store refuses the ending. The run says so; the next ``train`` in the experiment
     records the ending it kept in its lock file."""
+    from mlflow.exceptions import MlflowException
+
     from workbench import checkpoint
-    from workbench.tracking.writer import MlflowTracker
 
     def no_space(*args, **kwargs):
         raise error
 
-    def store_full(self, status="FINISHED", reason=None):
-        self._ended = True  # what a store that cannot be written leaves: the run RUNNING
-        return "database or disk is full"
+    def store_full(self, run_id, status="FINISHED", end_time=None):
+        raise MlflowException("database or disk is full")  # the run stays RUNNING
 
     monkeypatch.setattr(checkpoint, "save_checkpoint", no_space)
-    monkeypatch.setattr(MlflowTracker, "end", store_full)
+    monkeypatch.setattr(MlflowClient, "set_terminated", store_full)
     with pytest.raises(type(error)):
         train(_cfg(store, "checkpoint.every=800"))
     (run,) = _runs(store[1]).values()
