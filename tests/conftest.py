@@ -70,3 +70,9 @@ def _no_run_left_open():
     with writer._WRITER.cv:
         left = [t.run_id for t in writer._WRITER._trackers if not t._stopping]
     assert not left, f"MLflow run(s) {left} left open: end() them"
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests on the Ray cluster run first: its one long fixture then overlaps the rest of
+    the suite on the other worker instead of becoming the run's tail."""
+    items.sort(key=lambda item: "cluster_run" not in getattr(item, "fixturenames", ()))

@@ -317,11 +317,12 @@ def main(work: Path, only: tuple[str, ...] = SCENARIOS, measure: bool = False) -
 
         # 4. Ctrl-C on the driver while a long cell trains on each node
         if "stopped" in only:
-            spec = ablation_spec(work, "stopped", steps=50_000, seeds=[0])
+            # cells far too long to end by themselves, however slow the machine
+            spec = ablation_spec(work, "stopped", steps=1_000_000, seeds=[0])
             t0 = time.monotonic()
             args = ["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW]
             proc = workbench(args, work)
-            while proc.poll() is None and time.monotonic() - t0 < 120:
+            while proc.poll() is None and time.monotonic() - t0 < 240:
                 runs = runs_of("ablation-stopped")
                 if sum(r["status"] == "RUNNING" for r in runs) >= 3:  # the parent, 2 cells
                     break
@@ -365,6 +366,14 @@ def main(work: Path, only: tuple[str, ...] = SCENARIOS, measure: bool = False) -
 
         # 6. a study; node_b is removed while it trains a trial (short heartbeats)
         if "study_lossy" in only and storage is not None:
+            if node_b not in cluster.worker_nodes:  # the ablation above removed it
+                node_b = cluster.add_node(
+                    num_cpus=1,
+                    resources={"node_b": 1},
+                    object_store_memory=STORE_BYTES,
+                    node_ip_address="127.0.0.2",
+                )
+                result["node_b_again"] = node_b.node_id
             import optuna
 
             from workbench.tuning.study import make_storage

@@ -30,6 +30,7 @@ needs_ray = pytest.mark.skipif(
 
 ROOT = Path(__file__).resolve().parents[1]
 NODE_TAG, TASK_TAG = "workbench.ray.node", "workbench.ray.task"
+CLUSTER_SCENARIOS = ("refused", "study", "sweep", "stopped", "lossy", "study_lossy")
 
 
 def _unshare_works() -> bool:
@@ -123,13 +124,12 @@ def _run_cluster(tmp_path_factory, only: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster_run(tmp_path_factory):
-    """Every scenario on one cluster: ~80 s on an idle 2-core machine, ~190 s under the
-    default run's load, so the tests on it are slow-marked (`pytest -m slow tests/test_ray.py`)."""
-    return _run_cluster(tmp_path_factory, "refused,study,sweep,stopped,lossy")
+    """Every scenario on one cluster (~90 s on an idle 2-core machine). The tests on it are
+    collected first (``conftest.py``), so that it runs while the rest of the suite does."""
+    return _run_cluster(tmp_path_factory, ",".join(CLUSTER_SCENARIOS))
 
 
 @needs_ray
-@pytest.mark.slow
 def test_nothing_the_cluster_starts_listens_outside_its_namespace(cluster_run):
     assert cluster_run["outside_sampled"]
     assert 5000 in cluster_run["listening_inside"]  # the MLflow server, for one
@@ -137,7 +137,6 @@ def test_nothing_the_cluster_starts_listens_outside_its_namespace(cluster_run):
 
 
 @needs_ray
-@pytest.mark.slow
 def test_an_embedded_store_on_a_cluster_of_two_nodes_is_refused_in_one_line(cluster_run):
     refused = cluster_run["refused"]
     assert refused["rc"] == 2
@@ -147,7 +146,6 @@ def test_an_embedded_store_on_a_cluster_of_two_nodes_is_refused_in_one_line(clus
 
 
 @needs_ray
-@pytest.mark.slow
 def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
     study = cluster_run["study"]
     if "skipped" in study:
@@ -163,7 +161,6 @@ def test_a_study_runs_its_worker_tasks_on_both_nodes_to_n_trials(cluster_run):
 
 
 @needs_ray
-@pytest.mark.slow
 def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_run):
     sweep = cluster_run["sweep"]
     assert sweep["rc"] == 0, sweep["stderr"]
@@ -174,7 +171,6 @@ def test_a_hydra_multirun_through_the_ray_launcher_runs_a_task_per_job(cluster_r
 
 
 @needs_ray
-@pytest.mark.slow
 def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluster_run):
     stopped = cluster_run["stopped"]
     assert stopped["rc"] == 130, stopped["stderr"]
@@ -187,7 +183,6 @@ def test_ctrl_c_on_the_driver_cancels_the_tasks_and_their_runs_end_killed(cluste
 
 
 @needs_ray
-@pytest.mark.slow
 def test_a_node_lost_mid_cell_has_its_task_retried_and_each_cell_one_finished_run(cluster_run):
     lossy = cluster_run["lossy"]
     assert lossy["rc"] == 0, lossy["stderr"]
@@ -239,18 +234,11 @@ def test_an_unreachable_cluster_fails_within_seconds_in_one_line(tmp_path, capsy
     assert not (tmp_path / "mlruns").exists()  # nothing was created before the check
 
 
-@pytest.fixture(scope="module")
-def study_loss_run(tmp_path_factory):
-    """A study that loses a node mid-trial, on a cluster of its own (``slow``: ~45 s)."""
-    return _run_cluster(tmp_path_factory, "study_lossy")
-
-
 @needs_ray
-@pytest.mark.slow
 def test_a_node_lost_mid_trial_fails_that_trial_and_the_study_still_counts_n_trials(
-    study_loss_run,
+    cluster_run,
 ):
-    lossy = study_loss_run["study_lossy"]
+    lossy = cluster_run["study_lossy"]
     if "rc" not in lossy:
         pytest.skip("PostgreSQL binaries not found")
     assert lossy["rc"] == 0, lossy["stderr"]
