@@ -156,11 +156,13 @@ def runs_of(experiment: str) -> list[dict[str, Any]]:
     ]
 
 
-def ablation_spec(work: Path, name: str, steps: int = 400, seeds: Any = (0, 1)) -> Path:
+def ablation_spec(
+    work: Path, name: str, steps: int = 400, seeds: Any = (0, 1), more: Any = ()
+) -> Path:
     path = work / f"{name}.yaml"
     body = {
         "name": name,
-        "base": TINY,
+        "base": [*TINY, *more],
         "steps": steps,
         "seeds": list(seeds),
         "baseline": "ddpg",
@@ -338,9 +340,10 @@ def main(work: Path, only: tuple[str, ...] = SCENARIOS, measure: bool = False) -
             }
             say("interrupted ablation stopped in", result["stopped"]["stop_s"], "s")
 
-        # 5. a 2 x 2 ablation; node_b is removed while it trains a cell
+        # 5. a 2 x 2 ablation; node_b is removed while it trains a cell, once that cell has
+        # a checkpoint in the folder both nodes share (the driver's mlruns/checkpoints)
         if "lossy" in only:
-            spec = ablation_spec(work, "lossy", steps=4000)
+            spec = ablation_spec(work, "lossy", steps=4000, more=["checkpoint.every=600"])
             t0 = time.monotonic()
             proc = workbench(
                 ["ablate", str(spec), "--ray", address, "--tracking-uri", MLFLOW], work
@@ -349,7 +352,8 @@ def main(work: Path, only: tuple[str, ...] = SCENARIOS, measure: bool = False) -
             while proc.poll() is None and lost is None and time.monotonic() - t0 < 180:
                 for run in runs_of("ablation-lossy"):
                     on_b = run["tags"].get(RAY_NODE_TAG) == node_b.node_id
-                    if on_b and run["status"] == "RUNNING":
+                    saved = work / "mlruns" / "checkpoints" / run["run_id"]
+                    if on_b and run["status"] == "RUNNING" and any(saved.glob("step-*.pt")):
                         lost = run["run_id"]
                 time.sleep(0.2)
             if lost is not None:  # mid-work: its run is open, its cell training

@@ -38,7 +38,6 @@ from workbench.parallel import (
     RAY_NODE_TAG,
     RAY_TASK_TAG,
     placement_tags,
-    resources_of,
     run_units,
 )
 from workbench.population import shared_values
@@ -440,9 +439,8 @@ def _run_jobs(
 
     resources = None
     if cluster is not None:
-        gpus = cluster.has_gpus()
         resources = [
-            resources_of(compose(list(s[0][0].overrides), validate_config=False), gpus_present=gpus)
+            cluster.resources_of(compose(list(s[0][0].overrides), validate_config=False))
             for s in shares
         ]
 

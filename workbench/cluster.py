@@ -54,8 +54,9 @@ def embedded(uri: str | None) -> bool:
 class RayCluster:
     """A connection to a Ray cluster (or a local one-node Ray) that runs units as tasks."""
 
-    def __init__(self, address: str | None):
+    def __init__(self, address: str | None, gpu_share: float = 1.0):
         self.address = address
+        self.gpu_share = gpu_share
         self.job_id = ""
         self._no_state_api = False
 
@@ -100,6 +101,11 @@ class RayCluster:
         import ray
 
         return ray.cluster_resources().get("GPU", 0) > 0
+
+    def resources_of(self, cfg: Any) -> Resources:
+        """What a unit with config ``cfg`` asks of a node here (``parallel.resources_of``
+        with this cluster's GPUs and ``--ray-gpus`` share)."""
+        return parallel.resources_of(cfg, gpus_present=self.has_gpus(), gpu_share=self.gpu_share)
 
     def shutdown(self) -> None:
         import ray
@@ -261,9 +267,10 @@ def live(running: int | None, not_done: int) -> str:
     return f"{running} running" if running is not None else f"{not_done} queued or running"
 
 
-def connect(address: str | None) -> RayCluster:
-    """``--ray`` without a value (None): a local Ray; else what ``ray.init`` takes."""
-    return RayCluster(address).connect()
+def connect(address: str | None, gpu_share: float = 1.0) -> RayCluster:
+    """``--ray`` without a value (None): a local Ray; else what ``ray.init`` takes.
+    ``gpu_share``: the part of a GPU each unit that trains on CUDA asks for."""
+    return RayCluster(address, gpu_share).connect()
 
 
 def _probe(address: str | None) -> None:

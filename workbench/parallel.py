@@ -158,15 +158,33 @@ class Resources:
     gpus: float = 0.0
 
 
-def resources_of(cfg: Any, *, gpus_present: bool = False) -> Resources:
+def gpu_share(value: Any, key: str) -> float:
+    """A GPU share ``key`` gives (``--ray-gpus``, ``hydra.launcher.gpus``): in (0, 1], as a
+    unit trains on one device."""
+    from workbench.errors import ConfigProblem
+
+    try:
+        share = float(value)
+    except (TypeError, ValueError):
+        share = float("nan")
+    if not 0 < share <= 1:
+        raise ConfigProblem(
+            f"{key}={value!r}: must be a part of one GPU, in (0, 1] (1: a GPU for each unit, "
+            "0.25: four units on one)"
+        )
+    return share
+
+
+def resources_of(cfg: Any, *, gpus_present: bool = False, gpu_share: float = 1.0) -> Resources:
     """A unit's needs from its config: one CPU per torch thread plus one per env worker
-    process (``env.vectorization=async``); one GPU where it trains on CUDA (``device=auto``
-    where the cluster has GPUs), the whole population on it."""
+    process (``env.vectorization=async``); ``gpu_share`` of a GPU where it trains on CUDA
+    (``device=auto`` where the cluster has GPUs), the whole population on it: 1 gives each
+    unit a GPU of its own, 0.25 packs four on one."""
     threads = cfg.torch_threads if cfg.torch_threads is not None else 1
     env_workers = cfg.env.n_envs if cfg.env.vectorization == "async" else 0
     device = str(cfg.device)
     cuda = device.startswith("cuda") or (device == "auto" and gpus_present)
-    return Resources(cpus=float(threads + env_workers), gpus=1.0 if cuda else 0.0)
+    return Resources(cpus=float(threads + env_workers), gpus=gpu_share if cuda else 0.0)
 
 
 def run_units(

@@ -59,8 +59,11 @@ def _job_config(hydra_context: HydraContext, config: DictConfig, overrides: Sequ
 
 
 class RayLauncher(Launcher):
-    def __init__(self, address: str | None = None) -> None:
+    def __init__(self, address: str | None = None, gpus: float = 1.0) -> None:
+        from workbench.parallel import gpu_share
+
         self.address = address
+        self.gpus = gpu_share(gpus, "hydra.launcher.gpus")
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None
@@ -74,7 +77,6 @@ class RayLauncher(Launcher):
         self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int
     ) -> Sequence[JobReturn]:
         from workbench.cluster import connect
-        from workbench.parallel import resources_of
         from workbench.tracking import resolve_uri
 
         setup_globals()
@@ -82,7 +84,7 @@ class RayLauncher(Launcher):
         assert self.hydra_context is not None
         configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)
-        cluster = connect(self.address)
+        cluster = connect(self.address, self.gpus)
         try:
             configs = [_job_config(self.hydra_context, self.config, o) for o in job_overrides]
             for cfg in configs:
@@ -90,7 +92,6 @@ class RayLauncher(Launcher):
                     cluster.require_shared_stores(
                         tracking_uri=resolve_uri(cfg.tracking.uri, cfg.tracking.dir)
                     )
-            gpus = cluster.has_gpus()
             log.info("Ray launcher: %d job(s) as Ray tasks", len(job_overrides))
             for idx, overrides in enumerate(job_overrides):
                 log.info("\t#%d : %s", initial_job_idx + idx, " ".join(filter_overrides(overrides)))
@@ -109,7 +110,7 @@ class RayLauncher(Launcher):
                     for idx, overrides in enumerate(job_overrides)
                 ],
                 name="sweep",
-                resources=[resources_of(cfg, gpus_present=gpus) for cfg in configs],
+                resources=[cluster.resources_of(cfg) for cfg in configs],
             )
         finally:
             cluster.shutdown()

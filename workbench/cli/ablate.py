@@ -108,7 +108,9 @@ def cmd_ablate(args: argparse.Namespace) -> int:
             f"{spec.experiment!r}; the full ablation's runs and report are not touched)",
             file=sys.stderr,
         )
-    with ray_cluster(None if args.report_only else args.ray) as cluster:
+    with ray_cluster(
+        None if args.report_only else args.ray, None if args.report_only else args.ray_gpus
+    ) as cluster:
         result = ablation.run_ablation(
             spec,
             workers=args.workers,

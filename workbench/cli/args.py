@@ -30,6 +30,8 @@ class SubcommandParser(Parser):
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
         namespace, rest = super().parse_known_args(args, namespace)
+        if getattr(namespace, "ray_gpus", None) is not None and namespace.ray is None:
+            self.error(f"--ray-gpus {namespace.ray_gpus:g}: only with --ray")
         if isinstance(getattr(namespace, "overrides", None), list):
             extra = [a for a in rest if _is_override(a)]
             if extra:
@@ -54,16 +56,36 @@ def add_ray_option(p: argparse.ArgumentParser, what: str) -> None:
         "ray://HEAD:10001), or on a local Ray when none is given; needs the extra "
         "(pip install -e '.[ray]')",
     )
+    p.add_argument(
+        "--ray-gpus",
+        type=_gpu_share,
+        default=None,
+        metavar="SHARE",
+        help="with --ray, the part of a GPU each task that trains on CUDA asks for "
+        "(default 1: a GPU each; 0.25 packs four on one GPU)",
+    )
+
+
+def _gpu_share(text: str) -> float:
+    from workbench.errors import ConfigProblem
+    from workbench.parallel import gpu_share
+
+    try:
+        return gpu_share(text, "--ray-gpus")
+    except ConfigProblem as err:
+        # argparse names the option itself: "argument --ray-gpus: '2': must be ..."
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--ray-gpus=")) from None
 
 
 @contextlib.contextmanager
-def ray_cluster(address: str | None) -> Iterator[Any]:
+def ray_cluster(address: str | None, gpus: float | None = None) -> Iterator[Any]:
     """The Ray cluster ``--ray`` asked for (None without it: Ray is then not imported),
-    disconnected at the end."""
+    disconnected at the end; ``gpus``: ``--ray-gpus``."""
+    from workbench.errors import ConfigProblem
+
     if address is None:
         yield None
         return
-    from workbench.errors import ConfigProblem
 
     try:
         from workbench import cluster
@@ -73,7 +95,7 @@ def ray_cluster(address: str | None) -> Iterator[Any]:
         import ray  # noqa: F401
     except ImportError as err:
         raise ConfigProblem(f"--ray needs Ray ({err}): pip install -e '.[ray]'") from None
-    connected = cluster.connect(address or None)
+    connected = cluster.connect(address or None, 1.0 if gpus is None else gpus)
     try:
         yield connected
     finally:

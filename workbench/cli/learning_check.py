@@ -84,7 +84,6 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
 
     from workbench.config import ConfigError, compose
     from workbench.errors import ConfigProblem
-    from workbench.parallel import resources_of
     from workbench.specfile import compose_error_text
     from workbench.tracking import resolve_uri
 
@@ -105,7 +104,7 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
     chunks = [jobs[i : i + args.population] for i in range(0, len(jobs), args.population)]
     population = None
     if args.ray is not None:  # the same jobs as Ray tasks, placed by Ray
-        with ray_cluster(args.ray) as cluster:
+        with ray_cluster(args.ray, args.ray_gpus) as cluster:
             cfg = compose(jobs[0])
             if cfg.tracking.backend == "mlflow":
                 uri = resolve_uri(cfg.tracking.uri, cfg.tracking.dir)
@@ -115,7 +114,7 @@ def cmd_learning_check(args: argparse.Namespace) -> int:
                 chunks = [
                     jobs[i : i + args.population] for i in range(0, len(jobs), args.population)
                 ]
-            need = [resources_of(cfg, gpus_present=cluster.has_gpus())]
+            need = [cluster.resources_of(cfg)]
             if args.population > 1:
                 population = [
                     r

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from workbench.errors import ConfigProblem
+from workbench.errors import ConfigProblem, WorkbenchError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -182,7 +182,10 @@ def cmd_train(argv: Sequence[str]) -> int:
     except _TaskError as carrier:
         failed = carrier.error
     except HydraException as err:  # overrides given with flags (-m) reach Hydra itself
-        failed = ConfigProblem(f"invalid overrides: {compose_error_text(err)}")
+        cause: BaseException | None = err
+        while cause is not None and not isinstance(cause, WorkbenchError):
+            cause = cause.__cause__  # our own error, from a plugin Hydra made (the launcher)
+        failed = cause or ConfigProblem(f"invalid overrides: {compose_error_text(err)}")
     if failed is not None:  # raised outside the handler: its own cause and context stay
         raise failed
     return 0

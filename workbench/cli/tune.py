@@ -208,7 +208,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
             from workbench.tuning.worker import check_population
 
             check_population(spec, source=str(args.spec))
-        with ray_cluster(args.ray) as cluster:
+        with ray_cluster(args.ray, args.ray_gpus) as cluster:
             outcome = run_study(
                 spec,
                 workers=args.workers,

@@ -376,7 +376,7 @@ def _worker_resources(spec: StudySpec, cluster: Any, workers: int) -> Any:
     if cluster is None:
         return None
     cfg = compose([*spec.base(), *spec.run_overrides()], validate_config=False)
-    return [parallel.resources_of(cfg, gpus_present=cluster.has_gpus())] * workers
+    return [cluster.resources_of(cfg)] * workers
 
 
 def _study_progress(study: optuna.Study, n_trials: int | None) -> Any:
