@@ -73,7 +73,15 @@ class RayCluster:
         else:
             kwargs["address"] = self.address
         try:
-            ray.init(**kwargs)
+            try:
+                ray.init(**kwargs)
+            except ConnectionAbortedError as err:
+                # Ray Client's server process on the head dies in a few % of starts (a gRPC
+                # fork race, ray-project/ray#63202); a second start is a fresh process
+                if not str(self.address).startswith("ray://"):
+                    raise
+                log.warning("Ray Client: %s; connecting once more", _first_line(err))
+                ray.init(**kwargs)
         except Exception as err:
             raise RuntimeFailure(
                 f"cannot connect to the Ray cluster at {self.address or 'a new local Ray'}: "
@@ -293,6 +301,7 @@ def _probe(address: str | None) -> None:
             "`ray start --head` runs there and the port is open"
         ) from None
     if address.startswith("ray://"):
+        _probe_client(address, host, int(port))
         return
     # A port that answers but is no Ray head (or a head that hangs): Ray's client would try
     # for minutes. One GCS request, in a process of its own that can be stopped.
@@ -312,6 +321,25 @@ def _probe(address: str | None) -> None:
     except subprocess.CalledProcessError as err:
         last = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-1:] or ["?"]
         raise RuntimeFailure(f"cannot connect to the Ray cluster at {address}: {last[0]}") from None
+
+
+def _probe_client(address: str, host: str, port: int) -> None:
+    """A Ray Client port must finish a gRPC handshake within the bound: Ray's client tries
+    for ~35 s. (Skipped under RAY_USE_TLS: a plain channel cannot tell a TLS server.)"""
+    if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+        return
+    import grpc
+
+    channel = grpc.insecure_channel(f"{host}:{port}")
+    try:
+        grpc.channel_ready_future(channel).result(timeout=CONNECT_TIMEOUT_S)
+    except grpc.FutureTimeoutError:
+        raise RuntimeFailure(
+            f"the Ray cluster at {address} did not answer within {CONNECT_TIMEOUT_S:g} s: is "
+            "it the head's Ray Client port (ray start --head --ray-client-server-port ...)?"
+        ) from None
+    finally:
+        channel.close()
 
 
 def _first_line(err: BaseException) -> str:
