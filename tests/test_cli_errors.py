@@ -123,6 +123,13 @@ def test_train_errors_are_one_line(tmp_path, overrides, code, fragment):
     assert "Error executing job" not in err  # Hydra's line, with every override in it
 
 
+def test_a_sweep_with_a_bad_value_in_its_last_job_trains_no_job(tmp_path):
+    """Every job of a multirun is checked before Hydra starts: none trains, nothing is made."""
+    got, _, err, _ = _cli(["train", "-m", "seed=0,1", "agent.tau=0.01,5", *TINY], tmp_path)
+    _assert_one_line(got, err, 2, "agent.tau=5.0: must be in (0.0, 1.0]")
+    assert not (tmp_path / "mlruns").exists()
+
+
 def test_debug_shows_the_traceback(tmp_path):
     """--debug before or after the command, or WORKBENCH_DEBUG=1: the traceback, then the
     same one line."""

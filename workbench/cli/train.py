@@ -136,21 +136,36 @@ def _compose_problem(argv: Sequence[str]) -> ConfigProblem | None:
 
     Checked before Hydra starts: Hydra would print its own multi-line text and exit 1 for an
     override it cannot compose, and it makes its output folder before our task validates.
-    Flags (``-m``, ``--cfg``) and ``hydra`` overrides are left to Hydra.
+    With ``-m`` every job of the sweep is checked, so that a bad value in the last job stops
+    the sweep before the first trains. Other flags (``--cfg``), ``hydra`` overrides and other
+    sweepers are left to Hydra.
     """
     from workbench.config import ConfigError, compose, override_key
     from workbench.specfile import compose_error_text
 
-    keys = [override_key(a) for a in argv]
-    if any(a.startswith("-") for a in argv) or any(k.startswith("hydra") for k in keys):
-        return None
+    flags = {a for a in argv if a.startswith("-")}
+    overrides = [a for a in argv if not a.startswith("-")]
+    keys = [override_key(a) for a in overrides]
+    if flags - {"-m", "--multirun"} or "hydra/sweeper" in keys:
+        return None  # Hydra's own flags, or a sweeper that picks the jobs as it goes
+    ours = [a for a, k in zip(overrides, keys, strict=True) if not k.startswith("hydra")]
     try:
-        compose(argv)
+        for job in _sweep_jobs(ours) if flags else [ours]:
+            compose(job)
     except ConfigError as err:
         return err
     except Exception as err:
         return ConfigProblem(f"invalid overrides: {compose_error_text(err)}")
     return None
+
+
+def _sweep_jobs(overrides: list[str]) -> list[list[str]]:
+    """Every job of a multirun's sweep, as Hydra's basic sweeper will make them."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [job for batch in BasicSweeper.split_arguments(parsed, None) for job in batch]
 
 
 def cmd_train(argv: Sequence[str]) -> int:
