@@ -158,7 +158,7 @@ class Resources:
     gpus: float = 0.0
 
 
-def gpu_share(value: Any, key: str) -> float:
+def parse_gpu_share(value: Any, key: str) -> float:
     """A GPU share ``key`` gives (``--ray-gpus``, ``hydra.launcher.gpus``): in (0, 1], as a
     unit trains on one device."""
     from workbench.errors import ConfigProblem

@@ -60,10 +60,10 @@ def _job_config(hydra_context: HydraContext, config: DictConfig, overrides: Sequ
 
 class RayLauncher(Launcher):
     def __init__(self, address: str | None = None, gpus: float = 1.0) -> None:
-        from workbench.parallel import gpu_share
+        from workbench.parallel import parse_gpu_share
 
         self.address = address
-        self.gpus = gpu_share(gpus, "hydra.launcher.gpus")
+        self.gpus = parse_gpu_share(gpus, "hydra.launcher.gpus")
         self.config: DictConfig | None = None
         self.task_function: TaskFunction | None = None
         self.hydra_context: HydraContext | None = None

@@ -68,10 +68,10 @@ def add_ray_option(p: argparse.ArgumentParser, what: str) -> None:
 
 def _gpu_share(text: str) -> float:
     from workbench.errors import ConfigProblem
-    from workbench.parallel import gpu_share
+    from workbench.parallel import parse_gpu_share
 
     try:
-        return gpu_share(text, "--ray-gpus")
+        return parse_gpu_share(text, "--ray-gpus")
     except ConfigProblem as err:
         # argparse names the option itself: "argument --ray-gpus: '2': must be ..."
         raise argparse.ArgumentTypeError(str(err).removeprefix("--ray-gpus=")) from None
@@ -81,11 +81,10 @@ def _gpu_share(text: str) -> float:
 def ray_cluster(address: str | None, gpus: float | None = None) -> Iterator[Any]:
     """The Ray cluster ``--ray`` asked for (None without it: Ray is then not imported),
     disconnected at the end; ``gpus``: ``--ray-gpus``."""
-    from workbench.errors import ConfigProblem
-
     if address is None:
         yield None
         return
+    from workbench.errors import ConfigProblem
 
     try:
         from workbench import cluster
