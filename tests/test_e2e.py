@@ -171,6 +171,29 @@ def test_eval_command_prints_json_for_a_run(store, tmp_path):
     assert shown.size == (500, 500) and is_drawn(shown.first) and shown.changes > 0
 
 
+def test_a_moved_store_is_read_by_its_folder_or_its_db(store, tmp_path):
+    """An archived mlruns/ (moved, or copied to another machine): its db keeps the absolute
+    artifact paths of where it was made; `--tracking-uri FOLDER` (as `--help` says) or
+    `FOLDER/mlflow.db` reads it, and eval finds the policy below the moved folder."""
+    import shutil
+
+    result = train(_cfg(store))
+    moved = tmp_path / "archive" / "kept"
+    shutil.move(str(store[0]), moved)
+    for where in (moved, moved / "mlflow.db"):
+        for args in (["eval", result.run_id, "--episodes", "1"], ["compare"]):
+            proc = subprocess.run(
+                [sys.executable, "-m", "workbench.cli", *args, "--tracking-uri", str(where)],
+                capture_output=True, text=True, timeout=180, cwd=tmp_path,
+            )  # fmt: skip
+            assert proc.returncode == 0, (args, where, proc.stderr[-2000:])
+            if args[0] == "eval":
+                assert json.loads(proc.stdout)["run"] == result.run_id
+            else:
+                assert "1/1" in proc.stdout
+    assert not (tmp_path / "mlruns").exists() and not store[0].exists()
+
+
 class _Raise:
     def __init__(self, exc):
         self.exc = exc

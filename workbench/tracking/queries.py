@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,6 +106,19 @@ def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
     return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
 
 
+def _moved_artifacts(db: Path, artifact_uri: str) -> Path | None:
+    """A run's artifact folder in an embedded store that was moved or copied (an archive):
+    its db keeps the absolute paths of where the runs were made, so look for the same
+    ``<experiment>/<run>/artifacts`` below this store's ``artifacts/``. None: not moved."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(artifact_uri)
+    if parsed.scheme not in ("", "file") or Path(parsed.path).exists():
+        return None
+    here = db.parent / "artifacts" / Path(*Path(parsed.path).parts[-3:])
+    return here if here.is_dir() else None
+
+
 def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> Path:
     """Fetch a run's artifacts (``workbench eval <run-id>``); ValueError if there is no such run
     or artifact, TrackingError if the store cannot be reached."""
@@ -115,7 +129,7 @@ def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> 
         raise ValueError(f"no run {run_id} in {redact(uri)} (the store does not exist)")
     client = _client(uri)
     try:
-        client.get_run(run_id)
+        run = client.get_run(run_id)
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise ValueError(f"no run {run_id} in {redact(uri)}") from None
@@ -124,6 +138,17 @@ def download_artifacts(uri: str, run_id: str, artifact_path: str, dst: Path) -> 
         ) from None
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
+    moved = _moved_artifacts(db, run.info.artifact_uri) if db is not None else None
+    if moved is not None:
+        found = moved / artifact_path
+        if not found.exists():
+            raise ValueError(f"run {run_id} in {redact(uri)} has no artifact {artifact_path!r}")
+        target = dst / found.name
+        if found.is_dir():
+            shutil.copytree(found, target, dirs_exist_ok=True)
+        else:
+            shutil.copy2(found, target)
+        return target
     try:
         local = client.download_artifacts(run_id, artifact_path, dst_path=str(dst))
     except (MlflowException, OSError) as err:

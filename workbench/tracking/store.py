@@ -78,11 +78,16 @@ def driver_url(url: str) -> str:
 
 
 def resolve_uri(uri: str | None, store_dir: str | Path) -> str:
-    """The explicit URI, else ``MLFLOW_TRACKING_URI``, else the embedded store in ``store_dir``."""
-    if uri:
-        return driver_url(uri)
-    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
-    return driver_url(env) if env else embedded_uri(store_dir)
+    """The explicit URI, else ``MLFLOW_TRACKING_URI``, else the embedded store in ``store_dir``.
+    A plain path names an embedded store too, by its folder or its ``mlflow.db`` (MLflow would
+    take a folder for its deprecated file store, which is not how ``mlruns/`` is kept)."""
+    given = uri or os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    if not given:
+        return embedded_uri(store_dir)
+    if "://" not in given and not given.startswith(("sqlite:", "file:")):
+        path = Path(given).expanduser()
+        return f"sqlite:///{path.resolve()}" if path.is_file() else embedded_uri(path)
+    return driver_url(given)
 
 
 def _sqlite_path(uri: str) -> Path | None:
