@@ -88,11 +88,15 @@ def test_shipped_specs_load():
         assert spec.baseline in spec.variants
 
 
-def test_tiny_ablation_end_to_end_and_resume(tmp_path):
+def test_tiny_ablation_end_to_end_and_resume(tmp_path, caplog):
     spec = load_spec(_tiny(tmp_path))
     out = tmp_path / "report"
-    result = run_ablation(spec, workers=2, out_dir=out)
+    with caplog.at_level("INFO", logger="workbench.parallel"):
+        result = run_ablation(spec, workers=2, out_dir=out)
     assert (result.ran, result.skipped, result.failed) == (4, 0, [])
+    # the driver's line over the whole grid, from the units its workers say have ended
+    said = [r.getMessage() for r in caplog.records if r.name == "workbench.parallel"]
+    assert said[-1].startswith("ablation: 4/4 cells done, 0 running, 0 failed [4/4"), said
     assert sorted(result.scores) == ["ddpg", "twin"]
     assert all(len(v) == 2 for v in result.scores.values())
     # summary.csv: one row per variant, with the statistics of that variant's scores

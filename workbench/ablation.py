@@ -37,8 +37,10 @@ from workbench.parallel import (
     RAY_JOB_TAG,
     RAY_NODE_TAG,
     RAY_TASK_TAG,
+    live,
     placement_tags,
     run_units,
+    unit_ended,
 )
 from workbench.population import shared_values
 from workbench.specfile import (
@@ -300,9 +302,9 @@ def _names(jobs: Sequence[Job]) -> str:
     return ", ".join(f"{j.variant} seed {j.seed}" for j in jobs)
 
 
-def run_jobs(units: Sequence[Unit], ablation: str, parent_run_id: str | None) -> None:
-    """One worker process: its share of the grid, one unit (K runs as one program) after
-    another.
+def run_jobs(units: Sequence[Unit], ablation: str, parent_run_id: str | None) -> int:
+    """One worker process (or Ray task): its share of the grid, one unit (K runs as one
+    program) after another; 1 where a run failed, else 0 (for the driver's count).
 
     A failing run is logged and ends FAILED in MLflow (train_population sees to that); the
     worker goes on with its next unit. Ctrl-C: each run writes a checkpoint at its next
@@ -313,18 +315,22 @@ def run_jobs(units: Sequence[Unit], ablation: str, parent_run_id: str | None) ->
 
     setup_logging()
     total = sum(len(unit) for unit in units)
-    countdown, done = Countdown(total), 0
+    countdown, done, any_failed = Countdown(total), 0, False
     for unit in units:
         span = f"{done + 1}" if len(unit) == 1 else f"{done + 1}-{done + len(unit)}"
         log.info("run %s/%d of this process: %s", span, total, _names(unit))
-        _run_unit(unit, ablation, parent_run_id)
+        failed = _run_unit(unit, ablation, parent_run_id)
+        unit_ended(failed)
+        any_failed |= failed
         done += len(unit)
         log.info("%s: ended [%s of this process]", _names(unit), countdown.update(done))
+    return int(any_failed)
 
 
-def _run_unit(jobs: Unit, ablation: str, parent_run_id: str | None) -> None:
+def _run_unit(jobs: Unit, ablation: str, parent_run_id: str | None) -> bool:
     """The jobs as one population; each member is the child run its job would be alone, and
-    a job with an unfinished run continues it from its latest checkpoint."""
+    a job with an unfinished run continues it from its latest checkpoint. True where a run
+    failed."""
     from workbench.tracking import make_tracker
     from workbench.train import Member, train_population
 
@@ -362,15 +368,17 @@ def _run_unit(jobs: Unit, ablation: str, parent_run_id: str | None) -> None:
         train_population(members, handle_signals=True)
     except Exception as err:  # of the population as a whole: its runs have ended FAILED
         log.error("%s failed: %s", _names(jobs), err)
-        return
-    interrupted = None
+        return True
+    interrupted, failed = None, False
     for job, member in zip(jobs, members, strict=True):
         if isinstance(member.error, Interrupted):
             interrupted = member.error
         elif member.error is not None:
             log.error("%s seed %d failed: %s", job.variant, job.seed, member.error)
+            failed = True
     if interrupted is not None:
         raise interrupted  # Ctrl-C: this worker stops
+    return failed
 
 
 def _take_over_lost_attempt(jobs: Unit) -> Unit:
@@ -447,8 +455,8 @@ def _run_jobs(
     countdown = Countdown(len(units))
 
     def describe(done: int, running: int | None, failed: int) -> str:
-        from workbench.cluster import live
-
+        if running is not None:  # a worker that ended its last unit may not have exited yet
+            running = min(running, len(units) - done)
         runs = sum(len(u) for u in units)
         what = "cells" if runs == len(units) else f"units ({runs} runs)"
         return (

@@ -33,14 +33,12 @@ from typing import Any
 from workbench import parallel
 from workbench.errors import ConfigProblem, RuntimeFailure
 from workbench.logs import Countdown, duration, setup_logging
-from workbench.parallel import INTERRUPTED, Resources
+from workbench.parallel import INTERRUPTED, LOOK_EVERY_S, Progress, Resources, live
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIES = 3  # attempts after a lost node or a dead worker process (not after an error)
 CONNECT_TIMEOUT_S = 10.0  # a cluster that does not answer fails within this (+ Ray's import)
-LOOK_EVERY_S = 5.0  # how often the driver asks how far the work is (a study: its storage)
-PROGRESS_EVERY_S = 60.0  # a progress line at least this often, news or not
 GRACE_S = 60.0  # after Ctrl-C: how long cancelled tasks may take to end their runs
 
 
@@ -206,8 +204,13 @@ class RayCluster:
         values: list[Any] = [None] * n
         pending, failed = list(refs), 0
         countdown = Countdown(n)
-        t_look = t_said = time.monotonic()
-        said = ""
+
+        def tasks(done: int, running: int | None, failed: int) -> str:
+            eta = countdown.update(done)
+            return f"{done}/{n} tasks done, {live(running, n - done)}, {failed} failed [{eta}]"
+
+        progress = Progress(name, describe or tasks)
+        t_look = time.monotonic()
         try:
             while pending:
                 ready, pending = ray.wait(pending, num_returns=1, timeout=1.0)
@@ -218,17 +221,7 @@ class RayCluster:
                 now = time.monotonic()
                 if ready or now - t_look > LOOK_EVERY_S:
                     t_look = now
-                    done = n - len(pending)
-                    running = self._running()
-                    if describe is not None:
-                        line = describe(done, running, failed)
-                    else:
-                        line = f"{done}/{n} tasks done, {live(running, n - done)}, {failed} failed"
-                        line += f" [{countdown.update(done)}]"
-                    news = line.split(" [")[0] != said.split(" [")[0]  # the ETA alone is no news
-                    if news or now - t_said > PROGRESS_EVERY_S:
-                        log.info("%s: %s", name, line)
-                        said, t_said = line, now
+                    progress.look(n - len(pending), self._running(), failed)
         except KeyboardInterrupt:
             self._cancel(ray, pending, name)
             raise KeyboardInterrupt(f"interrupted; {len(pending)} Ray task(s) cancelled") from None
@@ -268,11 +261,6 @@ class RayCluster:
             ray.cancel(ref, force=True)
         if pending:
             log.warning("%s: %d task(s) killed after %s", name, len(pending), duration(GRACE_S))
-
-
-def live(running: int | None, not_done: int) -> str:
-    """``2 running``, or ``3 queued or running`` where Ray cannot say which."""
-    return f"{running} running" if running is not None else f"{not_done} queued or running"
 
 
 def connect(address: str | None, gpu_share: float = 1.0) -> RayCluster:

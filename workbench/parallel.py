@@ -16,6 +16,7 @@ or the code a worker passed to ``sys.exit``; a negative code is the signal that 
 
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import os
 import signal
@@ -27,7 +28,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+log = logging.getLogger(__name__)
+
 INTERRUPTED = 130
+LOOK_EVERY_S = 5.0  # how often the driver asks how far the work is (a study: its storage)
+PROGRESS_EVERY_S = 60.0  # a progress line at least this often, news or not
 # SIGHUP: a closed terminal or ssh session, to the whole process group as Ctrl-C is
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
@@ -65,9 +70,46 @@ def call_unit(target: Callable[..., Any], args: tuple[Any, ...]) -> int:
     return code
 
 
-def _entry(target: Callable[..., Any], args: tuple[Any, ...]) -> None:
+# In a worker process: the parent's counters of units ended and failed (``unit_ended``).
+_counters: tuple[Any, Any] | None = None
+
+
+def unit_ended(failed: bool) -> None:
+    """A worker process's target says one of its units ended, so that the parent's progress
+    line counts it; nothing elsewhere (a Ray task is one unit: the driver counts tasks)."""
+    if _counters is None:
+        return
+    for counter, add in zip(_counters, (1, int(failed)), strict=True):
+        with counter.get_lock():
+            counter.value += add
+
+
+def _entry(target: Callable[..., Any], args: tuple[Any, ...], counters: tuple[Any, Any]) -> None:
+    global _counters
+    _counters = counters
     _worker_signals()
     os._exit(call_unit(target, args))  # skip the interpreter's teardown of half-stopped threads
+
+
+class Progress:
+    """The driver's progress line, ``name: describe(done, running, failed)``: said when it
+    has news (the ETA alone is none) and at least every ``PROGRESS_EVERY_S``."""
+
+    def __init__(self, name: str, describe: Callable[[int, int | None, int], str]):
+        self.name, self.describe = name, describe
+        self.said, self.t_said = "", time.monotonic()
+
+    def look(self, done: int, running: int | None, failed: int) -> None:
+        line = self.describe(done, running, failed)
+        now = time.monotonic()
+        if line.split(" [")[0] != self.said.split(" [")[0] or now - self.t_said > PROGRESS_EVERY_S:
+            log.info("%s: %s", self.name, line)
+            self.said, self.t_said = line, now
+
+
+def live(running: int | None, not_done: int) -> str:
+    """``2 running``, or ``3 queued or running`` where Ray cannot say which."""
+    return f"{running} running" if running is not None else f"{not_done} queued or running"
 
 
 def run_processes(
@@ -77,16 +119,19 @@ def run_processes(
     name: str = "worker",
     grace_s: float = 60.0,
     poll_s: float = 0.2,
+    progress: Progress | None = None,
 ) -> list[int]:
     """Start ``target(*args)`` in one spawned process per entry of ``args_list``; wait for all.
 
     ``target`` must be importable (a module-level function) and its arguments picklable.
     Returns the exit codes in order; raises KeyboardInterrupt after a Ctrl-C/SIGTERM once
-    every worker has exited.
+    every worker has exited. ``progress`` looks at the units the workers say have ended
+    (``unit_ended``), a busy worker being one unit running.
     """
     ctx = mp.get_context("spawn")
+    counters = (ctx.Value("i", 0), ctx.Value("i", 0))
     procs = [
-        ctx.Process(target=_entry, args=(target, tuple(args)), name=f"{name}-{i}")
+        ctx.Process(target=_entry, args=(target, tuple(args), counters), name=f"{name}-{i}")
         for i, args in enumerate(args_list)
     ]
     interrupted = {"at": None}
@@ -106,14 +151,21 @@ def run_processes(
     try:
         for p in procs:
             p.start()
+        seen, t_look = 0, time.monotonic()
         while any(p.is_alive() for p in procs):
             if interrupted["at"] is not None and time.monotonic() - interrupted["at"] > grace_s:
                 for p in procs:
                     if p.is_alive():
                         p.kill()
+            done = counters[0].value
+            if progress is not None and (done != seen or time.monotonic() - t_look > LOOK_EVERY_S):
+                seen, t_look = done, time.monotonic()
+                progress.look(done, sum(p.is_alive() for p in procs), counters[1].value)
             time.sleep(poll_s)
         for p in procs:
             p.join()
+        if progress is not None and interrupted["at"] is None:
+            progress.look(counters[0].value, 0, counters[1].value)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -200,8 +252,8 @@ def run_units(
     a ``cluster`` (``workbench.cluster.RayCluster``), as Ray tasks placed by Ray: the one place
     that chooses where. Exit codes come back in order either way; an interrupt is raised
     after every unit has stopped. ``describe(done, running, failed)``: the driver's progress
-    line on a cluster, ``running`` None where Ray cannot tell running from queued (local
-    workers log their own)."""
+    line (``Progress``), ``running`` None where Ray cannot tell running from queued."""
     if cluster is None:
-        return run_processes(target, args_list, name=name)
+        progress = Progress(name, describe) if describe is not None else None
+        return run_processes(target, args_list, name=name, progress=progress)
     return cluster.run(target, args_list, name=name, resources=resources, describe=describe)

@@ -336,7 +336,8 @@ def run_study(
                 name=f"tune-{spec.name}",
                 cluster=cluster,
                 resources=_worker_resources(spec, cluster, workers),
-                describe=_study_progress(study, n_trials),
+                # local workers say it themselves: each trial's line counts the study
+                describe=_study_progress(study, n_trials) if cluster is not None else None,
             )
         outcome = Outcome(
             study, spec, target, parent.run_id if parent else None, codes, time.perf_counter() - t0
