@@ -180,17 +180,19 @@ def test_a_moved_store_is_read_by_its_folder_or_its_db(store, tmp_path):
     result = train(_cfg(store))
     moved = tmp_path / "archive" / "kept"
     shutil.move(str(store[0]), moved)
-    for where in (moved, moved / "mlflow.db"):
-        for args in (["eval", result.run_id, "--episodes", "1"], ["compare"]):
-            proc = subprocess.run(
-                [sys.executable, "-m", "workbench.cli", *args, "--tracking-uri", str(where)],
-                capture_output=True, text=True, timeout=180, cwd=tmp_path,
-            )  # fmt: skip
-            assert proc.returncode == 0, (args, where, proc.stderr[-2000:])
-            if args[0] == "eval":
-                assert json.loads(proc.stdout)["run"] == result.run_id
-            else:
-                assert "1/1" in proc.stdout
+    for where, args in (
+        (moved, ["eval", result.run_id, "--episodes", "1"]),
+        (moved / "mlflow.db", ["compare"]),
+    ):
+        proc = subprocess.run(
+            [sys.executable, "-m", "workbench.cli", *args, "--tracking-uri", str(where)],
+            capture_output=True, text=True, timeout=180, cwd=tmp_path,
+        )  # fmt: skip
+        assert proc.returncode == 0, (args, where, proc.stderr[-2000:])
+        if args[0] == "eval":
+            assert json.loads(proc.stdout)["run"] == result.run_id
+        else:
+            assert "1/1" in proc.stdout
     assert not (tmp_path / "mlruns").exists() and not store[0].exists()
 
 
