@@ -153,8 +153,8 @@ class RayCluster:
         resources: Sequence[Resources] | None = None,
         describe: Callable[[int, int | None, int], str] | None = None,
     ) -> list[int]:
-        """``target(*args)`` as one Ray task per entry; exit codes in order (as
-        ``parallel.run_processes``: 0, 1 an error, 130 interrupted)."""
+        """``target(*args)`` as one Ray task per entry; exit codes in order, as
+        ``parallel.run_processes`` gives them."""
         values = self._submit_and_wait(_task, target, args_list, name, resources, describe)
         return [v if isinstance(v, int) else 1 for v in values]
 

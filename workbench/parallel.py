@@ -11,7 +11,8 @@ cut short), and exits 130. The parent waits ``grace_s`` for workers to finish, k
 left, and raises ``KeyboardInterrupt`` itself once they are all reaped.
 
 Exit codes: 0 done, 130 interrupted, 1 an exception (its traceback printed by the worker),
-or the code a worker passed to ``sys.exit``; a negative code is the signal that killed it.
+or the code the target returned or passed to ``sys.exit`` (an ablation worker: 1 where one of
+its runs failed); a negative code is the signal that killed it.
 """
 
 from __future__ import annotations
